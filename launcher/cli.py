@@ -1,0 +1,67 @@
+"""Command line: `launcher validate|prepare|run JOB.yaml [key=value ...]`.
+
+Run as: launcher run jobs/demo.yaml --local
+Thin: parses arguments and calls the spec, data and coordinator layers. User errors exit 2 with one
+line naming the field or file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from launcher.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launcher", description="Pre-train then fine-tune from one YAML job spec.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("validate", "check the spec and print the resolved plan (no training)"),
+        ("prepare", "tokenize and pack every stage's data (cached)"),
+        ("run", "run every stage in order (resumes where it stopped)"),
+    ):
+        command = commands.add_parser(name, help=text, description=text)
+        command.add_argument("spec", help="job spec YAML file")
+        command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.max_steps=20")
+        command.add_argument("--local", action="store_true", help="one process, one device, no Ray")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`run JOB.yaml --local a.b=1`); anything else is a usage error.
+    if any("=" not in item or item.startswith("-") for item in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides += extra
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from launcher.spec.load import load_spec
+
+        spec = load_spec(args.spec, args.overrides)
+        local = args.local or spec.cluster.num_workers == 0
+        if args.command == "validate":
+            from launcher.spec.plan import plan_job, render_plan
+
+            print(render_plan(spec, plan_job(spec, local), local))
+            return 0
+        if args.command == "prepare":
+            from launcher.coordinator.driver import resolve
+
+            resolve(spec, local)
+            return 0
+        if local:
+            from launcher.coordinator.local import run_local
+
+            return run_local(spec)
+        raise UserError("cluster.num_workers: Ray runs are not available yet; use --local")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

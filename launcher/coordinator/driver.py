@@ -1,0 +1,101 @@
+"""Driver side, shared by every backend: claim the output folder, prepare data, plan, run stages in order.
+
+A stage whose `summary.json` shows all its steps is skipped; any other stage resumes from its last
+checkpoint. The backend (local process or Ray) only runs one stage's ranks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from launcher.data.prepare import PreparedStage, prepare_job
+from launcher.errors import UserError
+from launcher.spec import layout
+from launcher.spec.models import JobSpec
+from launcher.spec.plan import StagePlan, plan_as_dict, plan_job
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; the same command resumes
+StageRunner = Callable[[dict[str, Any], int, dict[str, Any]], dict[str, Any]]
+
+
+def claim_job_dir(spec: JobSpec) -> None:
+    """Refuse an output folder that holds another job's run; record ours."""
+    root = layout.job_dir(spec)
+    marker = root / "job.json"
+    identity = {"name": spec.name, "stages": [[s.name, s.task] for s in spec.stages]}
+    if marker.exists():
+        try:
+            recorded = json.loads(marker.read_text())
+        except ValueError:
+            recorded = None
+        if recorded != identity:
+            raise UserError(
+                f"output_dir: {root} holds another job's run ({marker} differs: {recorded}); "
+                "use another output_dir or name"
+            )
+    elif root.exists() and any(root.iterdir()):
+        raise UserError(f"output_dir: {root} is not empty and holds no launcher run; use another output_dir or name")
+    root.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(identity) + "\n")
+
+
+def resolve(spec: JobSpec, local: bool, log: bool = True) -> tuple[dict[str, PreparedStage], list[StagePlan]]:
+    """Prepare (cached) every stage's data, then derive each stage's plan with its sample count."""
+    prepared = prepare_job(spec, log=log)
+    counts = {name: info.num_train_samples for name, info in prepared.items()}
+    return prepared, plan_job(spec, local, counts)
+
+
+def completed_summary(spec: JobSpec, plan: StagePlan) -> dict[str, Any] | None:
+    path = layout.summary_path(spec, plan.name)
+    if not path.exists():
+        return None
+    summary = json.loads(path.read_text())
+    return summary if summary.get("steps", 0) >= (plan.steps or 0) else None
+
+
+def run_job(spec: JobSpec, local: bool, run_stage: StageRunner) -> int:
+    """Run every stage in order through `run_stage`; returns the process exit code."""
+    claim_job_dir(spec)
+    _, plans = resolve(spec, local)
+    spec_data = spec.model_dump(mode="json")
+    summaries = []
+    for index, plan in enumerate(plans):
+        done = completed_summary(spec, plan)
+        if done is not None:
+            print(f"stage {plan.name}: already complete ({done['steps']} steps), skipped", flush=True)
+            summaries.append(done)
+            continue
+        layout.stage_dir(spec, plan.name).mkdir(parents=True, exist_ok=True)
+        print(
+            f"stage {plan.name}: {plan.steps} steps, global batch {plan.global_batch_size}, world size "
+            f"{plan.world_size}; tensorboard --logdir {layout.stage_dir(spec, plan.name) / 'tensorboard'}",
+            flush=True,
+        )
+        summary = run_stage(spec_data, index, plan_as_dict(plan))
+        if summary.get("stopped"):
+            print(f"stage {plan.name}: stopped at step {summary['steps']} after a checkpoint; re-run to resume")
+            return EXIT_STOPPED
+        summaries.append(summary)
+    print(render_results(spec, summaries))
+    return 0
+
+
+def render_results(spec: JobSpec, summaries: list[dict[str, Any]]) -> str:
+    lines = [f"job {spec.name} complete: {layout.job_dir(spec)}"]
+    for summary in summaries:
+        evals = " ".join(f"eval_{k} {v:.4f}" for k, v in summary["eval"].items() if v is not None)
+        loss = summary["train_loss"]
+        lines.append(
+            f"  {summary['stage']:<12} steps {summary['steps']:<6} train_loss "
+            f"{'nan' if loss is None else f'{loss:.4f}'}  {evals}  wall {summary['wall_s']:.1f}s"
+        )
+    lines.append(f"monitor: tensorboard --logdir {layout.job_dir(spec)} --host 127.0.0.1")
+    return "\n".join(lines)
+
+
+def stage_paths(spec: JobSpec) -> list[Path]:
+    return [layout.stage_dir(spec, stage.name) for stage in spec.stages]

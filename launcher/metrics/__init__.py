@@ -1,0 +1,139 @@
+"""Monitoring: TensorBoard scalars, `metrics.jsonl`, a console progress line, throughput and MFU.
+
+Only rank 0 builds a real `MetricsWriter`; other ranks get `NullWriter`, which does nothing, so the
+loop never asks which rank it is.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense peak FLOP/s per GPU (bf16/fp16 tensor cores, fp32 without TF32) from vendor data sheets.
+GPU_PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12},
+    "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
+    "V100": {"bf16": 125e12, "fp16": 125e12, "fp32": 15.7e12},
+}
+
+
+def measure_cpu_peak_flops(precision: str, size: int = 1024, repeats: int = 4) -> float:
+    """FLOP/s of a square matmul on this CPU right now (the best of a few runs)."""
+    dtype = torch.bfloat16 if precision in ("bf16", "fp16") else torch.float32
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
+    """Per-device peak FLOP/s and where the number comes from."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, table in GPU_PEAK_FLOPS.items():
+            if key in name:
+                return table[precision], f"table ({key})"
+        return float("nan"), f"unknown GPU {name!r}"
+    return measure_cpu_peak_flops(precision), "measured matmul"
+
+
+def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """6·N + 12·L·H·Q·T (N: non-embedding parameters; L layers, H heads, Q head dim, T sequence)."""
+    config = model.config
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    total = sum(p.numel() for p in model.parameters())
+    layers = getattr(config, "num_hidden_layers", None) or config.n_layer
+    hidden = getattr(config, "hidden_size", None) or config.n_embd
+    return 6 * (total - embedding) + 12 * layers * hidden * seq_len
+
+
+class NullWriter:
+    """What ranks other than 0 get."""
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        pass
+
+    def text(self, tag: str, value: str) -> None:
+        pass
+
+    def progress(self, step: int, scalars: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MetricsWriter(NullWriter):
+    """TensorBoard + jsonl + console for rank 0. On resume, records after `start_step` are dropped."""
+
+    def __init__(self, stage_dir: Path, stage_name: str, start_step: int, total_steps: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl_path = stage_dir / "metrics.jsonl"
+        kept: list[str] = []
+        if self.jsonl_path.exists():
+            kept = [line for line in self.jsonl_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+        self.jsonl_path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = self.jsonl_path.open("a")
+        self.tb = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+        self.stage_name = stage_name
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.started = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=stage_name, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        for key, value in scalars.items():
+            self.tb.add_scalar(key, value, step)
+        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.flush()
+        self.tb.flush()
+
+    def text(self, tag: str, value: str) -> None:
+        self.tb.add_text(tag, value)
+
+    def progress(self, step: int, scalars: dict[str, float]) -> None:
+        loss, rate = scalars.get("train/loss"), scalars.get("train/tokens_per_sec", 0.0)
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=True)
+            return
+        done = step - self.start_step
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * (self.total_steps - step) if done else float("nan")
+        extra = "".join(f" {k.split('/')[-1]} {v:.4f}" for k, v in scalars.items() if k.startswith("eval/"))
+        print(
+            f"[{self.stage_name}] step {step}/{self.total_steps} loss {loss:.4f} tok/s {rate:,.0f}"
+            f"{extra} eta {eta:.0f}s",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        self.tb.close()
+
+
+def json_safe(value: Any) -> Any:
+    """Floats that JSON can hold (NaN/inf become None)."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    return value

@@ -1,0 +1,36 @@
+"""Where a job's files live: `<output_dir>/<job name>/<stage name>/...` (the contract)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launcher.spec.models import JobSpec
+
+
+def job_dir(spec: JobSpec) -> Path:
+    return Path(spec.output_dir) / spec.name
+
+
+def stage_dir(spec: JobSpec, stage_name: str) -> Path:
+    return job_dir(spec) / stage_name
+
+
+def model_dir(spec: JobSpec, stage_name: str) -> Path:
+    """The stage's HF-format export; a later stage's `init_from: <stage>` reads it."""
+    return stage_dir(spec, stage_name) / "model"
+
+
+def tokenizer_dir(spec: JobSpec, stage_name: str) -> Path:
+    return stage_dir(spec, stage_name) / "tokenizer"
+
+
+def data_dir(spec: JobSpec, stage_name: str) -> Path:
+    return stage_dir(spec, stage_name) / "data"
+
+
+def checkpoints_dir(spec: JobSpec, stage_name: str) -> Path:
+    return stage_dir(spec, stage_name) / "checkpoints"
+
+
+def summary_path(spec: JobSpec, stage_name: str) -> Path:
+    return stage_dir(spec, stage_name) / "summary.json"

@@ -1,0 +1,236 @@
+"""The job spec: typed, documented, strict (unknown keys are errors).
+
+Each section is its own model, and each builder later receives only its own section. Values that
+derive from others (global batch, total steps, accumulation) are computed in `launcher.spec.plan`,
+never stored twice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+class Section(BaseModel):
+    """Base for every spec section: unknown keys are rejected, assignments re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ClusterSpec(Section):
+    """Where the job runs. `--local` ignores this section and runs one process."""
+
+    num_workers: int = Field(
+        default=0,
+        ge=0,
+        description="Training workers (ranks). 0 means one in-process rank (debug mode, no Ray).",
+    )
+    use_gpu: bool = Field(default=False, description="Give each worker one GPU (nccl) instead of CPU (gloo).")
+    cpus_per_worker: PositiveInt = Field(default=1, description="CPU cores reserved for each worker.")
+    address: str | None = Field(
+        default=None,
+        description="Ray cluster address to join; RAY_ADDRESS wins; neither starts a local Ray on 127.0.0.1.",
+    )
+    max_failures: int = Field(default=1, ge=0, description="Worker failures a stage survives (Ray restarts it).")
+
+
+class DeepSpeedSpec(Section):
+    """The DeepSpeed engine every rank builds; the JSON config is generated from this section."""
+
+    zero_stage: Literal[0, 1, 2, 3] = Field(default=0, description="ZeRO stage: 0 (DDP), 1, 2 or 3.")
+    offload_optimizer: bool = Field(default=False, description="Keep optimizer state in CPU memory (ZeRO >= 1).")
+    offload_param: bool = Field(default=False, description="Keep parameters in CPU memory (ZeRO 3 only).")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedSpec:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        if self.offload_param and self.zero_stage != 3:
+            raise ValueError("offload_param needs zero_stage 3")
+        return self
+
+
+class ModelSpec(Section):
+    """The network: a `transformers` family built from these sizes, or a local HF-format directory."""
+
+    family: Literal["bert", "gpt2", "llama"] = Field(default="bert", description="Architecture family.")
+    path: str | None = Field(
+        default=None,
+        description="Local HF-format model directory to load instead of building from sizes.",
+    )
+    hidden_size: PositiveInt = Field(default=128, description="Width of the residual stream.")
+    num_layers: PositiveInt = Field(default=2, description="Transformer blocks.")
+    num_heads: PositiveInt = Field(default=2, description="Attention heads per block.")
+    intermediate_size: PositiveInt | None = Field(default=None, description="MLP width; default 4 x hidden_size.")
+    max_position_embeddings: PositiveInt = Field(default=512, description="Longest sequence the model accepts.")
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout on hidden states and attention.")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelSpec:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class TokenizerSpec(Section):
+    """Where the vocabulary comes from.
+
+    Without `source`, a stage with `init_from` reuses that model's tokenizer, and any other stage
+    trains one on its own training corpus (WordPiece for bert, byte-level BPE for gpt2 and llama).
+    """
+
+    source: str | None = Field(
+        default=None,
+        description="An earlier stage's name (reuse its tokenizer) or a local tokenizer directory.",
+    )
+    vocab_size: PositiveInt = Field(default=8000, description="Vocabulary size when training a tokenizer.")
+    lowercase: bool = Field(default=True, description="Lowercase text before WordPiece (bert family only).")
+    max_train_docs: PositiveInt | None = Field(
+        default=None, description="Train the vocabulary on at most this many documents (all when unset)."
+    )
+
+
+class DataSpec(Section):
+    """Corpus files read through `datasets`: txt (one document per line), jsonl/json, csv, parquet."""
+
+    train: list[str] = Field(description="Training files or globs (a single string is accepted).")
+    eval: list[str] = Field(default_factory=list, description="Evaluation files or globs; empty: split eval_fraction.")
+    eval_fraction: float = Field(
+        default=0.05, gt=0.0, lt=1.0, description="Share of train held out for eval when `eval` is empty."
+    )
+    text_field: str = Field(default="text", description="Column holding the text (jsonl/csv/parquet).")
+    label_field: str = Field(default="label", description="Column holding the label (classification).")
+    labels: list[str] = Field(default_factory=list, description="The label set, in class-id order (classification).")
+    seq_len: PositiveInt = Field(default=128, description="Tokens per packed block (pre-training) or max length.")
+    max_train_samples: PositiveInt | None = Field(default=None, description="Use at most this many train documents.")
+    max_eval_samples: PositiveInt | None = Field(default=None, description="Use at most this many eval documents.")
+
+    @field_validator("train", "eval", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("train")
+    @classmethod
+    def _train_not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one file or glob")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("labels must be unique")
+        return value
+
+
+class BatchSpec(Section):
+    """Batch sizes. The global batch is derived: micro_batch_size x grad_accum_steps x workers."""
+
+    micro_batch_size: PositiveInt = Field(default=8, description="Sequences per rank per forward pass.")
+    grad_accum_steps: PositiveInt | None = Field(
+        default=None, description="Micro-batches per optimizer step; derived from global_batch_size when unset."
+    )
+    global_batch_size: PositiveInt | None = Field(
+        default=None, description="Optional check/target: must equal micro x accumulation x workers."
+    )
+    eval_batch_size: PositiveInt | None = Field(default=None, description="Sequences per rank per eval batch.")
+
+
+class OptimSpec(Section):
+    """AdamW, as in the HF Trainer recipe (no decay on biases and norms)."""
+
+    lr: float = Field(default=5e-4, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(default=0.01, ge=0.0, description="Decoupled weight decay.")
+    beta1: float = Field(default=0.9, ge=0.0, lt=1.0, description="Adam beta1.")
+    beta2: float = Field(default=0.999, ge=0.0, lt=1.0, description="Adam beta2.")
+    eps: float = Field(default=1e-8, gt=0.0, description="Adam epsilon.")
+    grad_clip: float = Field(default=1.0, ge=0.0, description="Clip the global gradient norm (0 disables).")
+
+
+class ScheduleSpec(Section):
+    """Learning-rate schedule over the stage's total steps."""
+
+    kind: Literal["cosine", "linear", "constant"] = Field(default="cosine", description="Decay after warmup.")
+    warmup_steps: int = Field(default=0, ge=0, description="Linear warmup from 0 to the peak lr.")
+
+
+class StageSpec(Section):
+    """One step of the pipeline: a task on a model, trained for `max_steps` or `epochs`."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(description="Stage name; its output folder.")
+    task: Literal["mlm", "clm", "classification"] = Field(description="Objective of this stage.")
+    init_from: str | None = Field(
+        default=None, description="An earlier stage's name (its exported model) or a local HF model directory."
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec, description="Network to train.")
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec, description="Vocabulary.")
+    data: DataSpec = Field(description="Corpus.")
+    batch: BatchSpec = Field(default_factory=BatchSpec, description="Batch sizes.")
+    optim: OptimSpec = Field(default_factory=OptimSpec, description="Optimizer.")
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec, description="Learning-rate schedule.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Training precision.")
+    max_steps: PositiveInt | None = Field(default=None, description="Optimizer steps; wins over epochs.")
+    epochs: float | None = Field(default=None, gt=0.0, description="Passes over the training set (when no max_steps).")
+    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0, description="Masked share of tokens (mlm).")
+    log_every: PositiveInt = Field(default=10, description="Log train metrics every N steps.")
+    eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: only at the end).")
+    eval_max_batches: PositiveInt | None = Field(default=None, description="Cap on eval batches per evaluation.")
+    checkpoint_every: int = Field(default=0, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: PositiveInt = Field(default=2, description="Checkpoints kept on disk (oldest removed).")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> StageSpec:
+        # Messages start with the field path relative to the stage; the loader prefixes `stages.<i>.`.
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("max_steps: set max_steps or epochs")
+        if self.task == "classification" and len(self.data.labels) < 2:
+            raise ValueError("data.labels: classification needs at least two labels")
+        if self.task == "clm" and self.model.family == "bert":
+            raise ValueError("model.family: task clm needs a decoder family (gpt2 or llama), not bert")
+        if self.task == "mlm" and self.model.family != "bert":
+            raise ValueError("model.family: task mlm needs the bert family")
+        if self.data.seq_len > self.model.max_position_embeddings and self.model.path is None:
+            raise ValueError(
+                f"data.seq_len: {self.data.seq_len} exceeds model.max_position_embeddings "
+                f"{self.model.max_position_embeddings}"
+            )
+        if self.model.path is not None and not Path(self.model.path).is_dir():
+            raise ValueError(f"model.path: {self.model.path!r} is not a directory")
+        return self
+
+
+class JobSpec(Section):
+    """A job: stages run in order, each writing under `<output_dir>/<name>/<stage>/`."""
+
+    name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(description="Job name; its output folder.")
+    output_dir: str = Field(default="runs", description="Root folder of all outputs.")
+    seed: int = Field(default=0, ge=0, description="Seed for init, data order, masking and dropout.")
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Workers and Ray.")
+    deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed engine.")
+    stages: list[StageSpec] = Field(min_length=1, description="Stages, run in order.")
+
+    @model_validator(mode="after")
+    def _stage_references(self) -> JobSpec:
+        names = [stage.name for stage in self.stages]
+        for index, stage in enumerate(self.stages):
+            if names.index(stage.name) != index:
+                raise ValueError(f"stages.{index}.name: duplicate stage name {stage.name!r}")
+            for field, ref in (("init_from", stage.init_from), ("tokenizer.source", stage.tokenizer.source)):
+                if ref is None or ref in names[:index]:
+                    continue
+                if ref in names:
+                    raise ValueError(f"stages.{index}.{field}: stage {ref!r} does not run before {stage.name!r}")
+                if not Path(ref).is_dir():
+                    raise ValueError(
+                        f"stages.{index}.{field}: {ref!r} is neither an earlier stage nor a model directory"
+                    )
+        return self
+
+    def stage(self, name: str) -> StageSpec:
+        return next(stage for stage in self.stages if stage.name == name)

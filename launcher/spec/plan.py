@@ -1,0 +1,219 @@
+"""Derived values: the one place where world size, accumulation, global batch and steps are computed.
+
+`launcher validate` prints this plan; the coordinator and the workers use the very same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from launcher.errors import UserError
+from launcher.spec.models import JobSpec, ModelSpec, StageSpec
+
+# Bytes per parameter of model states (ZeRO paper, section 3): weights, gradients, Adam state.
+# fp32: 4 + 4 + 8 (exp_avg, exp_avg_sq). Mixed precision: 2 + 2 + 12 (fp32 master + two moments).
+_STATE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Everything derived for one stage; `steps` is None until the data size is known."""
+
+    name: str
+    task: str
+    world_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+    global_batch_size: int
+    eval_batch_size: int
+    seq_len: int
+    tokens_per_step: int
+    steps: int | None
+    zero_stage: int
+    num_params: int | None
+    model_states_bytes_per_worker: int | None
+
+
+def world_size(spec: JobSpec, local: bool) -> int:
+    """Ranks that train: one in debug mode, otherwise `cluster.num_workers` (0 also means one)."""
+    return 1 if local else max(1, spec.cluster.num_workers)
+
+
+def batch_sizes(stage: StageSpec, world: int, index: int) -> tuple[int, int, int]:
+    """(micro, accumulation, global) with global = micro x accumulation x world, checked once."""
+    batch = stage.batch
+    micro = batch.micro_batch_size
+    accum = batch.grad_accum_steps
+    if accum is None:
+        if batch.global_batch_size is None:
+            accum = 1
+        else:
+            per_step = micro * world
+            if batch.global_batch_size % per_step:
+                raise UserError(
+                    f"stages.{index}.batch.global_batch_size: {batch.global_batch_size} is not a multiple of "
+                    f"micro_batch_size x workers = {micro} x {world} = {per_step}"
+                )
+            accum = batch.global_batch_size // per_step
+    global_batch = micro * accum * world
+    if batch.global_batch_size is not None and batch.global_batch_size != global_batch:
+        raise UserError(
+            f"stages.{index}.batch.global_batch_size: {batch.global_batch_size} != micro_batch_size x "
+            f"grad_accum_steps x workers = {micro} x {accum} x {world} = {global_batch}"
+        )
+    return micro, accum, global_batch
+
+
+def total_steps(stage: StageSpec, global_batch: int, num_train_samples: int | None) -> int | None:
+    """`max_steps`, or epochs over the training set rounded up to whole steps."""
+    if stage.max_steps is not None:
+        return stage.max_steps
+    if num_train_samples is None:
+        return None
+    assert stage.epochs is not None
+    return max(1, math.ceil(stage.epochs * math.ceil(num_train_samples / global_batch)))
+
+
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    """Steps that visit every sample once (the last step wraps around to fill its batch)."""
+    return max(1, math.ceil(num_samples / global_batch))
+
+
+def _model_sizes(model: ModelSpec, vocab_size: int) -> dict[str, int] | None:
+    if model.path is None:
+        return {
+            "vocab": vocab_size,
+            "hidden": model.hidden_size,
+            "layers": model.num_layers,
+            "heads": model.num_heads,
+            "inter": model.intermediate_size or 4 * model.hidden_size,
+            "positions": model.max_position_embeddings,
+        }
+    config_path = Path(model.path) / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError):
+        return None
+    hidden = config.get("hidden_size") or config.get("n_embd")
+    return {
+        "vocab": config.get("vocab_size", vocab_size),
+        "hidden": hidden,
+        "layers": config.get("num_hidden_layers") or config.get("n_layer"),
+        "heads": config.get("num_attention_heads") or config.get("n_head"),
+        "inter": config.get("intermediate_size") or config.get("n_inner") or 4 * hidden,
+        "positions": config.get("max_position_embeddings") or config.get("n_positions"),
+    }
+
+
+def count_params(family: str, task: str, sizes: dict[str, int], num_labels: int = 2) -> int:
+    """Parameters of the `transformers` model this spec builds (checked against torch in the tests)."""
+    v, h, n_layers, i, p = sizes["vocab"], sizes["hidden"], sizes["layers"], sizes["inter"], sizes["positions"]
+    if family == "bert":
+        embeddings = v * h + p * h + 2 * h + 2 * h
+        layer = 4 * (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h
+        head = (h * h + h + 2 * h + v) if task == "mlm" else (h * h + h) + (h * num_labels + num_labels)
+        return embeddings + n_layers * layer + head
+    if family == "gpt2":
+        layer = 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + 2 * h + (h * i + i) + (i * h + h)
+        head = 0 if task == "clm" else h * num_labels
+        return v * h + p * h + n_layers * layer + 2 * h + head
+    if family == "llama":
+        layer = 4 * h * h + 3 * h * i + 2 * h
+        head = v * h if task == "clm" else h * num_labels
+        return v * h + n_layers * layer + h + head
+    raise AssertionError(family)
+
+
+def model_states_bytes(num_params: int, precision: str, zero_stage: int, world: int) -> int:
+    """Per-worker bytes of weights + gradients + optimizer state under ZeRO (activations excluded)."""
+    weights, grads, optim = (b * num_params for b in _STATE_BYTES[precision])
+    if zero_stage >= 1:
+        optim /= world
+    if zero_stage >= 2:
+        grads /= world
+    if zero_stage >= 3:
+        weights /= world
+    return int(weights + grads + optim)
+
+
+def _vocab_size(spec: JobSpec, stage: StageSpec) -> int:
+    source = stage.tokenizer.source or stage.init_from
+    names = [s.name for s in spec.stages]
+    if source in names:
+        return _vocab_size(spec, spec.stage(source))
+    return stage.tokenizer.vocab_size
+
+
+def _family_and_sizes(spec: JobSpec, stage: StageSpec) -> tuple[str, dict[str, int] | None]:
+    """A stage that starts from an earlier stage inherits its architecture."""
+    names = [s.name for s in spec.stages]
+    if stage.init_from in names:
+        return _family_and_sizes(spec, spec.stage(stage.init_from))
+    model = stage.model
+    if stage.init_from is not None:
+        model = model.model_copy(update={"path": stage.init_from})
+    return model.family, _model_sizes(model, _vocab_size(spec, stage))
+
+
+def plan_stage(spec: JobSpec, index: int, local: bool, num_train_samples: int | None = None) -> StagePlan:
+    stage = spec.stages[index]
+    world = world_size(spec, local)
+    micro, accum, global_batch = batch_sizes(stage, world, index)
+    family, sizes = _family_and_sizes(spec, stage)
+    num_params = None if sizes is None else count_params(family, stage.task, sizes, len(stage.data.labels))
+    states = None
+    if num_params is not None:
+        states = model_states_bytes(num_params, stage.precision, spec.deepspeed.zero_stage, world)
+    return StagePlan(
+        name=stage.name,
+        task=stage.task,
+        world_size=world,
+        micro_batch_size=micro,
+        grad_accum_steps=accum,
+        global_batch_size=global_batch,
+        eval_batch_size=stage.batch.eval_batch_size or micro,
+        seq_len=stage.data.seq_len,
+        tokens_per_step=global_batch * stage.data.seq_len,
+        steps=total_steps(stage, global_batch, num_train_samples),
+        zero_stage=spec.deepspeed.zero_stage,
+        num_params=num_params,
+        model_states_bytes_per_worker=states,
+    )
+
+
+def plan_job(spec: JobSpec, local: bool, sample_counts: dict[str, int] | None = None) -> list[StagePlan]:
+    counts = sample_counts or {}
+    return [plan_stage(spec, i, local, counts.get(stage.name)) for i, stage in enumerate(spec.stages)]
+
+
+def render_plan(spec: JobSpec, plans: list[StagePlan], local: bool) -> str:
+    mode = "local (1 process, no Ray)" if local else f"ray ({plans[0].world_size} workers)"
+    lines = [
+        f"job {spec.name}: {len(plans)} stage(s), mode {mode}, output {Path(spec.output_dir) / spec.name}",
+        f"deepspeed: zero_stage {spec.deepspeed.zero_stage}, offload_optimizer {spec.deepspeed.offload_optimizer}, "
+        f"offload_param {spec.deepspeed.offload_param}",
+    ]
+    for index, (stage, plan) in enumerate(zip(spec.stages, plans, strict=True)):
+        steps = plan.steps if plan.steps is not None else f"{stage.epochs} epoch(s) (steps known after prepare)"
+        memory = "unknown" if plan.model_states_bytes_per_worker is None else _gib(plan.model_states_bytes_per_worker)
+        params = "unknown" if plan.num_params is None else f"{plan.num_params / 1e6:.2f} M"
+        source = f", init_from {stage.init_from}" if stage.init_from else ""
+        lines += [
+            f"stage {index} {plan.name}: task {plan.task}{source}, precision {stage.precision}",
+            f"  world size {plan.world_size}; global batch {plan.global_batch_size} = micro {plan.micro_batch_size}"
+            f" x accumulation {plan.grad_accum_steps} x workers {plan.world_size}",
+            f"  tokens per step {plan.tokens_per_step} (seq_len {plan.seq_len}); steps {steps}",
+            f"  parameters {params}; model states per worker (ZeRO-{plan.zero_stage}) {memory}",
+        ]
+    return "\n".join(lines)
+
+
+def plan_as_dict(plan: StagePlan) -> dict[str, object]:
+    return asdict(plan)
+
+
+def _gib(num_bytes: int) -> str:
+    return f"{num_bytes / 2**20:.1f} MiB" if num_bytes < 2**30 else f"{num_bytes / 2**30:.2f} GiB"

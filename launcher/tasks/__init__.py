@@ -1,0 +1,208 @@
+"""Objectives. Each task builds its model head, its collator and its eval metrics.
+
+A task never touches DeepSpeed or the rank layout: the loop hands it samples and a generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from launcher.data.store import BlockDataset, DocumentDataset, TokenStore
+from launcher.spec.models import ModelSpec, StageSpec
+
+
+@dataclass
+class EvalSums:
+    """Additive eval statistics, summed over batches and ranks."""
+
+    loss_sum: float = 0.0
+    count: float = 0.0
+    correct: float = 0.0
+
+    def as_tensor(self) -> torch.Tensor:
+        return torch.tensor([self.loss_sum, self.count, self.correct], dtype=torch.float64)
+
+
+def _pad(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest row of this batch (dynamic padding), with its attention mask."""
+    length = max(len(row) for row in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.as_tensor(row)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def _model_config(model: ModelSpec, vocab_size: int, tokenizer: Any, num_labels: int | None):  # noqa: ANN202
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    inter = model.intermediate_size or 4 * model.hidden_size
+    common: dict[str, Any] = {"vocab_size": vocab_size, "pad_token_id": tokenizer.pad_token_id}
+    if num_labels is not None:
+        common["num_labels"] = num_labels
+    if model.family == "bert":
+        return BertConfig(
+            hidden_size=model.hidden_size,
+            num_hidden_layers=model.num_layers,
+            num_attention_heads=model.num_heads,
+            intermediate_size=inter,
+            max_position_embeddings=model.max_position_embeddings,
+            hidden_dropout_prob=model.dropout,
+            attention_probs_dropout_prob=model.dropout,
+            **common,
+        )
+    if model.family == "gpt2":
+        return GPT2Config(
+            n_embd=model.hidden_size,
+            n_layer=model.num_layers,
+            n_head=model.num_heads,
+            n_inner=inter,
+            n_positions=model.max_position_embeddings,
+            resid_pdrop=model.dropout,
+            embd_pdrop=model.dropout,
+            attn_pdrop=model.dropout,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **common,
+        )
+    return LlamaConfig(
+        hidden_size=model.hidden_size,
+        num_hidden_layers=model.num_layers,
+        num_attention_heads=model.num_heads,
+        num_key_value_heads=model.num_heads,
+        intermediate_size=inter,
+        max_position_embeddings=model.max_position_embeddings,
+        attention_dropout=model.dropout,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **common,
+    )
+
+
+class Task:
+    """Base: language-model objectives on packed blocks (mlm, clm override the collator)."""
+
+    auto_class_name = ""
+    metric_name = "perplexity"
+
+    def __init__(self, stage: StageSpec, tokenizer: Any) -> None:
+        self.stage = stage
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id
+
+    def num_labels(self) -> int | None:
+        return None
+
+    def build_model(self, init_path: Path | None) -> torch.nn.Module:
+        import transformers
+
+        auto = getattr(transformers, self.auto_class_name)
+        if init_path is not None:
+            kwargs: dict[str, Any] = {}
+            if self.num_labels() is not None:
+                labels = self.stage.data.labels
+                kwargs = {
+                    "num_labels": len(labels),
+                    "id2label": dict(enumerate(labels)),
+                    "label2id": {name: i for i, name in enumerate(labels)},
+                }
+            model = auto.from_pretrained(str(init_path), local_files_only=True, **kwargs)
+            if model.config.pad_token_id is None:
+                model.config.pad_token_id = self.pad_id
+            return model
+        config = _model_config(self.stage.model, len(self.tokenizer), self.tokenizer, self.num_labels())
+        if self.num_labels() is not None:
+            config.id2label = dict(enumerate(self.stage.data.labels))
+            config.label2id = {name: i for i, name in enumerate(self.stage.data.labels)}
+        return auto.from_config(config)
+
+    def dataset(self, data_dir: Path, split: str):  # noqa: ANN201
+        return BlockDataset(TokenStore.read(data_dir, split), self.stage.data.seq_len)
+
+    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def eval_sums(self, outputs: Any, batch: dict[str, torch.Tensor]) -> EvalSums:
+        count = float((batch["labels"] != -100).sum())
+        return EvalSums(loss_sum=float(outputs.loss) * count, count=count)
+
+    def eval_metrics(self, sums: EvalSums) -> dict[str, float]:
+        loss = sums.loss_sum / max(sums.count, 1.0)
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+class MaskedLM(Task):
+    """BERT-style: 15% of tokens chosen; of those 80% [MASK], 10% random, 10% unchanged."""
+
+    auto_class_name = "AutoModelForMaskedLM"
+
+    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        ids, mask = _pad([s["input_ids"] for s in samples], self.pad_id)
+        labels = ids.clone()
+        special = torch.tensor(self.tokenizer.all_special_ids)
+        maskable = (mask == 1) & ~torch.isin(ids, special)
+        chosen = (torch.rand(ids.shape, generator=generator) < self.stage.mlm_probability) & maskable
+        labels[~chosen] = -100
+        roll = torch.rand(ids.shape, generator=generator)
+        inputs = ids.clone()
+        inputs[chosen & (roll < 0.8)] = self.tokenizer.mask_token_id
+        random_ids = torch.randint(len(self.tokenizer), ids.shape, generator=generator)
+        swap = chosen & (roll >= 0.8) & (roll < 0.9)
+        inputs[swap] = random_ids[swap]
+        return {"input_ids": inputs, "attention_mask": mask, "labels": labels}
+
+
+class CausalLM(Task):
+    """GPT-style next-token prediction (the model shifts labels itself); padding ignored."""
+
+    auto_class_name = "AutoModelForCausalLM"
+
+    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        ids, mask = _pad([s["input_ids"] for s in samples], self.pad_id)
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def eval_sums(self, outputs: Any, batch: dict[str, torch.Tensor]) -> EvalSums:
+        count = float((batch["labels"][:, 1:] != -100).sum())
+        return EvalSums(loss_sum=float(outputs.loss) * count, count=count)
+
+
+class Classification(Task):
+    """Sequence classification (the BertForSequenceClassification recipe), padded per batch."""
+
+    auto_class_name = "AutoModelForSequenceClassification"
+    metric_name = "accuracy"
+
+    def num_labels(self) -> int | None:
+        return len(self.stage.data.labels)
+
+    def dataset(self, data_dir: Path, split: str) -> DocumentDataset:
+        return DocumentDataset(TokenStore.read(data_dir, split))
+
+    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        ids, mask = _pad([s["input_ids"] for s in samples], self.pad_id)
+        labels = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def eval_sums(self, outputs: Any, batch: dict[str, torch.Tensor]) -> EvalSums:
+        count = float(len(batch["labels"]))
+        correct = float((outputs.logits.argmax(-1) == batch["labels"]).sum())
+        return EvalSums(loss_sum=float(outputs.loss) * count, count=count, correct=correct)
+
+    def eval_metrics(self, sums: EvalSums) -> dict[str, float]:
+        count = max(sums.count, 1.0)
+        return {"loss": sums.loss_sum / count, "accuracy": sums.correct / count}
+
+
+TASKS: dict[str, type[Task]] = {"mlm": MaskedLM, "clm": CausalLM, "classification": Classification}
+
+
+def build_task(stage: StageSpec, tokenizer: Any) -> Task:
+    return TASKS[stage.task](stage, tokenizer)

@@ -1,0 +1,56 @@
+"""The DeepSpeed engine of one rank: optimizer groups, schedule and ZeRO config from the spec."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from launcher.spec.models import StageSpec
+
+_SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+def select_accelerator(device: torch.device) -> None:
+    """DeepSpeed picks its accelerator once, at first use; say which before importing it."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only; biases and norm weights (1-D) are not decayed (HF Trainer's rule)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], stage: StageSpec, total_steps: int, device):  # noqa: ANN001, ANN201
+    """Initialise distributed (gloo on CPU, nccl on GPU) and wrap the model in a DeepSpeed engine."""
+    select_accelerator(device)
+    import deepspeed
+    from deepspeed.utils import logger as ds_logger
+    from transformers import get_scheduler
+
+    ds_logger.setLevel(logging.WARNING)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        return get_scheduler(
+            _SCHEDULES[stage.schedule.kind],
+            optimizer,
+            num_warmup_steps=stage.schedule.warmup_steps,
+            num_training_steps=total_steps,
+        )
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=param_groups(model, stage.optim.weight_decay),
+        config=ds_config,
+        lr_scheduler=schedule,
+    )
+    return engine

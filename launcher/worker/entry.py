@@ -1,0 +1,118 @@
+"""Per-rank entry: rebuild the spec, build tokenizer, task, model and engine, train, export.
+
+The same function runs in debug mode (one process) and in every Ray worker; only the
+`RankContext` differs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from launcher.data.tokenizer import load_tokenizer
+from launcher.metrics import MetricsWriter, NullWriter, flops_per_token, json_safe, peak_flops
+from launcher.spec import layout
+from launcher.spec.deepspeed_config import build_deepspeed_config
+from launcher.spec.load import parse_spec
+from launcher.spec.plan import StagePlan
+from launcher.tasks import build_task
+from launcher.worker.checkpoint import export_model, load_checkpoint
+from launcher.worker.context import RankContext
+from launcher.worker.engine import build_engine
+from launcher.worker.loop import Loop, TrainState
+
+
+def init_path(spec: Any, stage: Any) -> Path | None:
+    """Where the stage's weights start: an earlier stage's export, a local model, or nowhere."""
+    if stage.init_from is None:
+        return None if stage.model.path is None else Path(stage.model.path)
+    if stage.init_from in [s.name for s in spec.stages]:
+        return layout.model_dir(spec, stage.init_from)
+    return Path(stage.init_from)
+
+
+def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], ctx: RankContext) -> dict[str, Any]:
+    """Train stage `index` on this rank; returns the stage summary (`stopped` when asked to stop early)."""
+    started = time.perf_counter()
+    quiet_libraries()
+    spec = parse_spec(spec_data)
+    stage = spec.stages[index]
+    plan = StagePlan(**plan_data)
+    assert plan.world_size == ctx.world_size, f"plan is for {plan.world_size} ranks, this run has {ctx.world_size}"
+    assert plan.steps is not None, "the coordinator resolves steps before launching"
+    stage_dir = layout.stage_dir(spec, stage.name)
+    checkpoints = layout.checkpoints_dir(spec, stage.name)
+
+    torch.manual_seed(spec.seed)
+    tokenizer = load_tokenizer(layout.tokenizer_dir(spec, stage.name))
+    task = build_task(stage, tokenizer)
+    model = task.build_model(init_path(spec, stage))
+    fpt = flops_per_token(model, plan.seq_len)
+    num_params = sum(p.numel() for p in model.parameters())
+    ds_config = build_deepspeed_config(spec.deepspeed, stage, plan)
+    engine = build_engine(model, ds_config, stage, plan.steps, ctx.device)
+
+    state = TrainState()
+    restore = ctx.restore_dir(checkpoints)
+    if restore is not None:
+        state = TrainState(**load_checkpoint(engine, restore)["train_state"])
+    peak, peak_source = peak_flops(ctx.device, stage.precision)
+    writer = MetricsWriter(stage_dir, stage.name, state.step, plan.steps) if ctx.is_main else NullWriter()
+    if state.step == 0:
+        writer.text("spec", "```\n" + yaml.safe_dump(spec_data, sort_keys=False) + "```")
+        writer.text("deepspeed_config", "```\n" + json.dumps(ds_config, indent=1) + "```")
+    loop = Loop(
+        engine=engine, task=task, stage=stage, plan=plan, ctx=ctx, writer=writer, stage_dir=stage_dir,
+        checkpoints=checkpoints, seed=spec.seed, train_set=task.dataset(layout.data_dir(spec, stage.name), "train"),
+        eval_set=task.dataset(layout.data_dir(spec, stage.name), "eval"), flops_per_token=fpt, peak_flops=peak,
+    )  # fmt: skip
+    if state.step < plan.steps:
+        state, stopped = loop.run(state)
+    else:
+        stopped = False
+    writer.close()
+    summary: dict[str, Any] = {
+        "stage": stage.name,
+        "task": stage.task,
+        "steps": state.step,
+        "tokens": state.tokens,
+        "wall_s": round(state.wall_s, 3),
+        "train_loss": json_safe(state.last_train_loss),
+        "eval": {key: json_safe(value) for key, value in state.eval.items()},
+        "world_size": ctx.world_size,
+        "global_batch_size": plan.global_batch_size,
+        "zero_stage": plan.zero_stage,
+        "precision": stage.precision,
+        "num_params": num_params,
+        "flops_per_token": fpt,
+        "peak_flops_per_device": peak,
+        "peak_flops_source": peak_source,
+        "init_from": stage.init_from,
+        "resumed_from_step": None if restore is None else loop_start(restore),
+        "process_s": round(time.perf_counter() - started, 3),
+        "stopped": stopped,
+    }
+    if not stopped:
+        export_model(engine, tokenizer, layout.model_dir(spec, stage.name), ctx.is_main)
+        if ctx.is_main:
+            layout.summary_path(spec, stage.name).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def quiet_libraries() -> None:
+    """Keep the console for our progress line: no per-load reports or weight-writing bars."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def loop_start(restore: Path) -> int | None:
+    """The step of the checkpoint that a run resumed from (from DeepSpeed's `latest` tag)."""
+    tag = (restore / "latest").read_text().strip()
+    return int(tag.removeprefix("step_")) if tag.startswith("step_") else None

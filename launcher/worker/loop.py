@@ -1,0 +1,176 @@
+"""The training loop of one rank: accumulation, cadence (log, eval, checkpoint), stop requests.
+
+Randomness is re-derived from (seed, step, rank) at every step, so a resumed step draws exactly the
+numbers the uninterrupted run drew: masking, dropout and data order need no saved RNG stream.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from launcher.data.sampler import StepSampler
+from launcher.metrics import NullWriter
+from launcher.spec.models import StageSpec
+from launcher.spec.plan import StagePlan
+from launcher.tasks import EvalSums, Task
+from launcher.worker.checkpoint import save_checkpoint
+from launcher.worker.context import RankContext
+
+STOP_FILE = "STOP"
+STOP_AFTER_STEP_ENV = "LAUNCHER_STOP_AFTER_STEP"
+
+
+@dataclass
+class TrainState:
+    """What a checkpoint carries beyond DeepSpeed's own state."""
+
+    step: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    last_train_loss: float = float("nan")
+    eval: dict[str, float] = field(default_factory=dict)
+
+
+def step_seed(seed: int, step: int, rank: int, purpose: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank, purpose]).generate_state(1)[0])
+
+
+@dataclass
+class Loop:
+    engine: Any
+    task: Task
+    stage: StageSpec
+    plan: StagePlan
+    ctx: RankContext
+    writer: NullWriter
+    stage_dir: Path
+    checkpoints: Path
+    seed: int
+    train_set: Any
+    eval_set: Any
+    flops_per_token: float
+    peak_flops: float
+
+    def _batch(self, dataset: Any, indices: list[int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        batch = self.task.collate([dataset[i] for i in indices], generator)
+        return {key: value.to(self.ctx.device) for key, value in batch.items()}
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.ctx.device)
+        torch.distributed.all_reduce(tensor)
+        return tensor.tolist()
+
+    def _stop_requested(self, step: int) -> bool:
+        """Rank 0's view (stop file or test hook); the caller shares it with every rank."""
+        if not self.ctx.is_main:
+            return False
+        return os.environ.get(STOP_AFTER_STEP_ENV) == str(step) or (self.stage_dir / STOP_FILE).exists()
+
+    def _grad_norm(self) -> float | None:
+        """Pre-clipping global norm; ZeRO-0 in fp32 does not record one, so compute it."""
+        if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            return float(torch.nn.utils.get_total_norm(grads)) if grads else None
+        return None
+
+    def evaluate(self) -> dict[str, float]:
+        """Every rank evaluates its strided share; all ranks run the same number of batches (ZeRO-3)."""
+        size = self.plan.eval_batch_size
+        mine = list(range(self.ctx.rank, len(self.eval_set), self.ctx.world_size))
+        num_batches = math.ceil(math.ceil(len(self.eval_set) / self.ctx.world_size) / size)
+        if self.stage.eval_max_batches is not None:
+            num_batches = min(num_batches, self.stage.eval_max_batches)
+        sums = EvalSums()
+        self.engine.eval()
+        with torch.no_grad():
+            for b in range(num_batches):
+                indices = mine[b * size : (b + 1) * size]
+                generator = torch.Generator().manual_seed(step_seed(self.seed, b, self.ctx.rank, purpose=2))
+                batch = self._batch(self.eval_set, indices or [0], generator)
+                outputs = self.engine(**batch)
+                if indices:
+                    part = self.task.eval_sums(outputs, batch)
+                    sums.loss_sum, sums.count, sums.correct = (
+                        sums.loss_sum + part.loss_sum, sums.count + part.count, sums.correct + part.correct
+                    )  # fmt: skip
+        self.engine.train()
+        loss_sum, count, correct = self._all_reduce([sums.loss_sum, sums.count, sums.correct])
+        return self.task.eval_metrics(EvalSums(loss_sum, count, correct))
+
+    def run(self, state: TrainState) -> tuple[TrainState, bool]:
+        """Train until `plan.steps`; returns (state, stopped early on request)."""
+        assert self.plan.steps is not None
+        sampler = StepSampler(
+            len(self.train_set), self.plan.micro_batch_size, self.plan.grad_accum_steps,
+            self.ctx.world_size, self.ctx.rank, self.seed,
+        )  # fmt: skip
+        stage = self.stage
+        window_losses: list[float] = []
+        window_tokens, window_start = 0, time.perf_counter()
+        session_start, wall_before = time.perf_counter(), state.wall_s
+        self.engine.train()
+        while state.step < self.plan.steps:
+            step = state.step
+            torch.manual_seed(step_seed(self.seed, step, self.ctx.rank, purpose=0))
+            generator = torch.Generator().manual_seed(step_seed(self.seed, step, self.ctx.rank, purpose=1))
+            loss_sum, tokens, grad_norm = 0.0, 0, None
+            for micro, indices in enumerate(sampler.micro_batches(step)):
+                batch = self._batch(self.train_set, indices, generator)
+                loss = self.engine(**batch).loss
+                self.engine.backward(loss)
+                if micro == self.plan.grad_accum_steps - 1:
+                    grad_norm = self._grad_norm()
+                self.engine.step()
+                loss_sum += float(loss.detach())
+                tokens += int(batch["attention_mask"].sum())
+            loss_sum, tokens, stop = self._all_reduce([loss_sum, float(tokens), float(self._stop_requested(step + 1))])
+            state.step = step + 1
+            state.tokens += int(tokens)
+            train_loss = loss_sum / (self.plan.grad_accum_steps * self.ctx.world_size)
+            window_losses.append(train_loss)
+            window_tokens += int(tokens)
+            state.wall_s = wall_before + time.perf_counter() - session_start
+            done = state.step == self.plan.steps
+            scalars: dict[str, float] = {}
+            if state.step % stage.log_every == 0 or done:
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                rate = window_tokens / elapsed
+                if grad_norm is None:
+                    grad_norm = self.engine.get_global_grad_norm()
+                state.last_train_loss = sum(window_losses) / len(window_losses)
+                scalars = {
+                    "train/loss": state.last_train_loss,
+                    "train/lr": float(self.engine.get_lr()[0]),
+                    "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                    "train/tokens_per_sec": rate,
+                    "train/mfu": rate * self.flops_per_token / (self.peak_flops * self.ctx.world_size),
+                    "train/epoch": sampler.epoch_of(step),
+                    "train/tokens": float(state.tokens),
+                }
+                window_losses, window_tokens, window_start = [], 0, time.perf_counter()
+            if (stage.eval_every and state.step % stage.eval_every == 0) or done:
+                state.eval = self.evaluate()
+                scalars.update({f"eval/{key}": value for key, value in state.eval.items()})
+                window_start = time.perf_counter()
+            if scalars:
+                self.writer.log(state.step, scalars)
+                self.writer.progress(state.step, scalars)
+            checkpoint_due = (stage.checkpoint_every and state.step % stage.checkpoint_every == 0) or done
+            if checkpoint_due or stop:
+                path = save_checkpoint(
+                    self.engine, self.checkpoints, state.step, {"train_state": asdict(state)},
+                    stage.keep_checkpoints, self.ctx.is_main,
+                )  # fmt: skip
+                self.ctx.report({"step": state.step, "train_loss": train_loss}, path)
+                window_start = time.perf_counter()
+            if stop and not done:
+                return state, True
+        return state, False
