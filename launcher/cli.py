@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             print(render_plan(spec, plan_job(spec, local), local))
             return 0
         if args.command == "prepare":
-            from launcher.coordinator.driver import resolve
+            from launcher.coordinator.driver import claim_job_dir, resolve
 
+            claim_job_dir(spec)
             resolve(spec, local)
             return 0
         if local:

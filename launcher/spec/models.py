@@ -48,9 +48,9 @@ class DeepSpeedSpec(Section):
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> DeepSpeedSpec:
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ValueError("offload_optimizer needs zero_stage >= 1")
+            raise ValueError("offload_optimizer: needs zero_stage >= 1")
         if self.offload_param and self.zero_stage != 3:
-            raise ValueError("offload_param needs zero_stage 3")
+            raise ValueError("offload_param: needs zero_stage 3")
         return self
 
 
@@ -72,7 +72,7 @@ class ModelSpec(Section):
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelSpec:
         if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+            raise ValueError(f"num_heads: {self.num_heads} does not divide hidden_size {self.hidden_size}")
         return self
 
 

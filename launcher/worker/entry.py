@@ -61,6 +61,7 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
     restore = ctx.restore_dir(checkpoints)
     if restore is not None:
         state = TrainState(**load_checkpoint(engine, restore)["train_state"])
+    resumed_from_step = None if restore is None else state.step
     peak, peak_source = peak_flops(ctx.device, stage.precision)
     writer = MetricsWriter(stage_dir, stage.name, state.step, plan.steps) if ctx.is_main else NullWriter()
     if state.step == 0:
@@ -93,7 +94,7 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
         "peak_flops_per_device": peak,
         "peak_flops_source": peak_source,
         "init_from": stage.init_from,
-        "resumed_from_step": None if restore is None else loop_start(restore),
+        "resumed_from_step": resumed_from_step,
         "process_s": round(time.perf_counter() - started, 3),
         "stopped": stopped,
     }
@@ -110,9 +111,3 @@ def quiet_libraries() -> None:
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-
-
-def loop_start(restore: Path) -> int | None:
-    """The step of the checkpoint that a run resumed from (from DeepSpeed's `latest` tag)."""
-    tag = (restore / "latest").read_text().strip()
-    return int(tag.removeprefix("step_")) if tag.startswith("step_") else None

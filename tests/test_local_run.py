@@ -1,0 +1,112 @@
+"""Integration: the tiny job through all stages in debug mode (real DeepSpeed, real text)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import assert_ok, read_jsonl, run_cli
+
+TINY = "jobs/debug/tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    result = run_cli("run", TINY, "--local", f"output_dir={out}", "stages.0.model.dropout=0.1")
+    assert_ok(result)
+    assert "job tiny complete" in result.stdout
+    return out / "tiny"
+
+
+def scalar_tags(event_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(event_dir))
+    acc.Reload()
+    return set(acc.Tags()["scalars"])
+
+
+def test_outputs_follow_the_contract(tiny_run: Path) -> None:
+    for stage, metric in (("pretrain", "perplexity"), ("finetune", "accuracy")):
+        stage_dir = tiny_run / stage
+        tags = scalar_tags(stage_dir / "tensorboard")
+        expected = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu", "eval/loss"}
+        assert expected | {f"eval/{metric}"} <= tags
+        records = read_jsonl(stage_dir / "metrics.jsonl")
+        assert [r["step"] for r in records] == list(range(1, len(records) + 1))
+        assert all(math.isfinite(r["train/loss"]) and r["train/mfu"] > 0 for r in records)
+        assert all(math.isfinite(r["train/grad_norm"]) for r in records)
+        summary = json.loads((stage_dir / "summary.json").read_text())
+        assert summary["stage"] == stage and summary["steps"] == len(records)
+        assert summary["tokens"] > 0 and summary["wall_s"] > 0 and math.isfinite(summary["train_loss"])
+        assert set(summary["eval"]) == {"loss", metric}
+        assert (stage_dir / "checkpoints" / "latest").is_file()
+        assert (stage_dir / "model" / "model.safetensors").is_file()
+        assert not list((stage_dir / "model").glob("*.bin")), "weights are exported as safetensors only"
+        assert (stage_dir / "model" / "tokenizer.json").is_file()
+    lrs = [r["train/lr"] for r in read_jsonl(tiny_run / "pretrain" / "metrics.jsonl")]
+    assert lrs[0] < lrs[1] and lrs[-1] < max(lrs), "warmup then decay"
+
+
+def test_finetune_starts_from_the_pretrained_export(tiny_run: Path) -> None:
+    from safetensors.torch import load_file
+
+    pretrained = load_file(tiny_run / "pretrain" / "model" / "model.safetensors")
+    finetuned = load_file(tiny_run / "finetune" / "model" / "model.safetensors")
+    key = "bert.embeddings.word_embeddings.weight"
+    # fine-tuning moved the weights a little, from the pre-trained ones (not from a fresh init)
+    distance = (finetuned[key] - pretrained[key]).norm() / pretrained[key].norm()
+    assert 0 < distance < 0.5
+
+
+def test_export_reloads_with_the_same_logits(tiny_run: Path) -> None:
+    """The export equals the final DeepSpeed checkpoint's weights, loaded into the same model."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    for stage, auto in (("pretrain", AutoModelForMaskedLM), ("finetune", AutoModelForSequenceClassification)):
+        export = tiny_run / stage / "model"
+        model = auto.from_pretrained(export).eval()
+        tok = AutoTokenizer.from_pretrained(export)
+        latest = (tiny_run / stage / "checkpoints" / "latest").read_text().strip()
+        states = torch.load(tiny_run / stage / "checkpoints" / latest / "mp_rank_00_model_states.pt",
+                            map_location="cpu", weights_only=False)  # fmt: skip
+        reference = auto.from_config(model.config).eval()
+        reference.load_state_dict(states["module"])
+        batch = tok(["a quiet, moving film", "and the earth was without form"], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            assert torch.equal(model(**batch).logits, reference(**batch).logits)
+
+
+def test_rerun_skips_completed_stages(tiny_run: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in tiny_run.rglob("*") if p.is_file() and "data" not in p.parts}
+    result = run_cli("run", TINY, "--local", f"output_dir={tiny_run.parent}", "stages.0.model.dropout=0.1")
+    assert_ok(result)
+    assert "stage pretrain: already complete" in result.stdout and "stage finetune: already complete" in result.stdout
+    after = {p: p.stat().st_mtime_ns for p in before}
+    changed = [p for p in before if before[p] != after[p] and p.name != "job.json"]
+    assert not changed
+
+
+def test_bad_input_exits_2_and_overwrites_nothing(tiny_run: Path, tmp_path: Path) -> None:
+    out = str(tiny_run.parent)
+    guarded = [p for p in tiny_run.rglob("*") if p.is_file() and ("checkpoints" in p.parts or "model" in p.parts)]
+    before = {p: p.stat().st_mtime_ns for p in guarded}
+    bad = tmp_path / "bad.csv"
+    bad.write_bytes(b"text,label\nfine,fresh\n\xfe\xfe,rotten\n")
+    cases = [
+        (["stages.1.data.train=" + str(bad)], "not valid UTF-8 at byte offset 22"),
+        (["stages.1.data.train=" + str(tmp_path / "nope.csv")], "stages.1.data.train:"),
+        (["stages.1.data.labels=[good, bad]"], "label 'fresh' is not in data.labels"),
+        (["stages.1.name=other"], "holds another job's run"),
+    ]
+    for overrides, message in cases:
+        result = run_cli("run", TINY, "--local", f"output_dir={out}", "stages.1.max_steps=6", *overrides)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert message in result.stderr and "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert {p: p.stat().st_mtime_ns for p in guarded} == before
