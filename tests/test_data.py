@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import chain
+
 import numpy as np
 import pytest
 
@@ -48,11 +50,11 @@ def test_step_sampler_shards_cover_each_epoch(n, micro, accum, world) -> None:
     for epoch in range(2):
         seen: list[int] = []
         for step in range(epoch * per_epoch, (epoch + 1) * per_epoch):
-            per_rank = [sum(s.micro_batches(step), []) for s in samplers]
+            per_rank = [list(chain.from_iterable(s.micro_batches(step))) for s in samplers]
             assert all(len(r) == micro * accum for r in per_rank)
             if step < (epoch + 1) * per_epoch - 1:  # before the wrap-around step, ranks are disjoint
-                assert len(set(sum(per_rank, []))) == micro * accum * world
-            seen += sum(per_rank, [])
+                assert len(set(chain.from_iterable(per_rank))) == micro * accum * world
+            seen += chain.from_iterable(per_rank)
         assert set(seen) == set(range(n)), "every sample is seen in every epoch"
         assert len(seen) - n < micro * accum * world, "only the last step wraps around"
     # a pure function of the step: a fresh sampler (a resumed run) draws the same batch
@@ -80,11 +82,11 @@ def test_corpus_errors_name_the_file(tmp_path) -> None:
         read_documents([str(csv)], "stages.1.data.train", "review", "label", ["rotten", "fresh"])
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n   \n")
-    with pytest.raises(UserError, match="stages.0.data.train: the corpus is empty"):
+    with pytest.raises(UserError, match=r"stages.0.data.train: the corpus is empty"):
         read_documents([str(empty)], "stages.0.data.train", "text")
     with pytest.raises(UserError, match=r"stages.0.data.train: .*nothing-\*.txt' matches no file"):
         read_documents([str(tmp_path / "nothing-*.txt")], "stages.0.data.train", "text")
-    with pytest.raises(UserError, match="stages.0.data.train: .*missing.txt: no such file"):
+    with pytest.raises(UserError, match=r"stages.0.data.train: .*missing.txt: no such file"):
         read_documents([str(tmp_path / "missing.txt")], "stages.0.data.train", "text")
     docs = read_documents([str(csv)], "f", "text", "label", ["rotten", "fresh", "meh"])
     assert docs.texts == ["good film", "bad film"] and docs.labels == [1, 2]
