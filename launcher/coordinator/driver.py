@@ -80,6 +80,7 @@ def run_job(spec: JobSpec, local: bool, run_stage: StageRunner) -> int:
             print(f"stage {plan.name}: stopped at step {summary['steps']} after a checkpoint; re-run to resume")
             return EXIT_STOPPED
         summaries.append(summary)
+    (layout.job_dir(spec) / "summary.json").write_text(json.dumps({"job": spec.name, "stages": summaries}, indent=1))
     print(render_results(spec, summaries))
     return 0
 
@@ -88,6 +89,7 @@ def render_results(spec: JobSpec, summaries: list[dict[str, Any]]) -> str:
     lines = [f"job {spec.name} complete: {layout.job_dir(spec)}"]
     for summary in summaries:
         evals = " ".join(f"eval_{k} {v:.4f}" for k, v in summary["eval"].items() if v is not None)
+        evals += "".join(f" ({k} {v:.4f})" for k, v in summary.get("reference", {}).items())
         loss = summary["train_loss"]
         lines.append(
             f"  {summary['stage']:<12} steps {summary['steps']:<6} train_loss "

@@ -37,7 +37,7 @@ def train_tokenizer(texts: list[str], family: str, vocab_size: int, lowercase: b
         tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
         tok.train_from_iterator(batches(), trainer=trainer, length=len(texts))
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
@@ -52,7 +52,10 @@ def train_tokenizer(texts: list[str], family: str, vocab_size: int, lowercase: b
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
         )
         tok.train_from_iterator(batches(), trainer=trainer, length=len(texts))
         wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, **BPE_SPECIALS)

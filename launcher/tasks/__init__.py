@@ -137,6 +137,10 @@ class Task:
         loss = sums.loss_sum / max(sums.count, 1.0)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
+    def reference_metrics(self, eval_set: Any) -> dict[str, float]:
+        """What a model that learned nothing scores on this eval set (for the summary)."""
+        return {}
+
 
 class MaskedLM(Task):
     """BERT-style: 15% of tokens chosen; of those 80% [MASK], 10% random, 10% unchanged."""
@@ -199,6 +203,10 @@ class Classification(Task):
     def eval_metrics(self, sums: EvalSums) -> dict[str, float]:
         count = max(sums.count, 1.0)
         return {"loss": sums.loss_sum / count, "accuracy": sums.correct / count}
+
+    def reference_metrics(self, eval_set: Any) -> dict[str, float]:
+        labels = eval_set.store.labels
+        return {"majority_accuracy": float(np.bincount(labels).max() / len(labels))}
 
 
 TASKS: dict[str, type[Task]] = {"mlm": MaskedLM, "clm": CausalLM, "classification": Classification}
