@@ -88,7 +88,7 @@ def test_rerun_skips_completed_stages(tiny_run: Path) -> None:
     assert_ok(result)
     assert "stage pretrain: already complete" in result.stdout and "stage finetune: already complete" in result.stdout
     after = {p: p.stat().st_mtime_ns for p in before}
-    changed = [p for p in before if before[p] != after[p] and p.name != "job.json"]
+    changed = [p for p in before if before[p] != after[p] and p != tiny_run / "summary.json"]
     assert not changed
 
 

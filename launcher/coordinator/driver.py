@@ -38,8 +38,9 @@ def claim_job_dir(spec: JobSpec) -> None:
             )
     elif root.exists() and any(root.iterdir()):
         raise UserError(f"output_dir: {root} is not empty and holds no launcher run; use another output_dir or name")
-    root.mkdir(parents=True, exist_ok=True)
-    marker.write_text(json.dumps(identity) + "\n")
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(identity) + "\n")
 
 
 def resolve(spec: JobSpec, local: bool, log: bool = True) -> tuple[dict[str, PreparedStage], list[StagePlan]]:

@@ -100,10 +100,13 @@ class Task:
     def num_labels(self) -> int | None:
         return None
 
-    def build_model(self, init_path: Path | None) -> torch.nn.Module:
+    def model_class(self) -> Any:
         import transformers
 
-        auto = getattr(transformers, self.auto_class_name)
+        return getattr(transformers, self.auto_class_name)
+
+    def build_model(self, init_path: Path | None) -> torch.nn.Module:
+        auto = self.model_class()
         if init_path is not None:
             kwargs: dict[str, Any] = {}
             if self.num_labels() is not None:
@@ -121,7 +124,10 @@ class Task:
         if self.num_labels() is not None:
             config.id2label = dict(enumerate(self.stage.data.labels))
             config.label2id = {name: i for i, name in enumerate(self.stage.data.labels)}
-        return auto.from_config(config)
+        from transformers import PreTrainedModel
+
+        # Auto classes build from a config with `from_config`; a concrete model class is called.
+        return auto(config) if issubclass(auto, PreTrainedModel) else auto.from_config(config)
 
     def dataset(self, data_dir: Path, split: str):  # noqa: ANN201
         return BlockDataset(TokenStore.read(data_dir, split), self.stage.data.seq_len)
@@ -146,6 +152,11 @@ class MaskedLM(Task):
     """BERT-style: 15% of tokens chosen; of those 80% [MASK], 10% random, 10% unchanged."""
 
     auto_class_name = "AutoModelForMaskedLM"
+
+    def model_class(self) -> Any:
+        from launcher.tasks.sparse_mlm import BertForMaskedLM
+
+        return BertForMaskedLM
 
     def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         ids, mask = _pad([s["input_ids"] for s in samples], self.pad_id)

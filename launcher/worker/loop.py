@@ -172,5 +172,7 @@ class Loop:
                 self.ctx.report({"step": state.step, "train_loss": train_loss}, path)
                 window_start = time.perf_counter()
             if stop and not done:
+                if self.ctx.is_main:
+                    (self.stage_dir / STOP_FILE).unlink(missing_ok=True)  # honoured: the re-run must not stop
                 return state, True
         return state, False
