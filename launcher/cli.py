@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.coordinator.local import run_local
 
             return run_local(spec)
-        raise UserError("cluster.num_workers: Ray runs are not available yet; use --local")
+        from launcher.coordinator.ray import run_ray
+
+        return run_ray(spec)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

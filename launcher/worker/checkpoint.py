@@ -15,7 +15,7 @@ def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
 
 
-def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep: int, is_main: bool) -> Path:
+def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, Any], keep: int, is_main: bool) -> None:
     """Every rank writes its ZeRO shard; DeepSpeed updates `latest` after all shards are written."""
     engine.save_checkpoint(str(root), tag=tag_for(step), client_state=client_state)
     if is_main:
@@ -23,7 +23,6 @@ def save_checkpoint(engine: Any, root: Path, step: int, client_state: dict[str, 
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     torch.distributed.barrier()
-    return root / tag_for(step)
 
 
 def load_checkpoint(engine: Any, root: Path) -> dict[str, Any]:

@@ -28,8 +28,55 @@ class RankContext:
         """A DeepSpeed checkpoint folder (with a `latest` tag file) to resume from, if any."""
         return checkpoints if (checkpoints / "latest").is_file() else None
 
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        """Tell the coordinator about progress; a single process has nobody to tell."""
+    def checkpoint_root(self, checkpoints: Path) -> Path:
+        """Where this rank writes the next checkpoint (here: the stage's persistent folder)."""
+        return checkpoints
+
+    def report(self, metrics: dict[str, float], checkpoint_root: Path, tag: str) -> None:
+        """Tell the coordinator a checkpoint is complete; a single process has nobody to tell."""
+
+
+class RayRankContext(RankContext):
+    """A Ray Train worker: checkpoints go through `ray.train.report` into the run's storage."""
+
+    def restore_dir(self, checkpoints: Path) -> Path | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return None if checkpoint is None else Path(checkpoint.path)
+
+    def checkpoint_root(self, checkpoints: Path) -> Path:
+        import tempfile
+
+        return Path(tempfile.mkdtemp(prefix="launcher-ckpt-"))
+
+    def report(self, metrics: dict[str, float], checkpoint_root: Path, tag: str) -> None:
+        import ray.train
+
+        # Every rank reports its shard folder; Ray merges them into one checkpoint in storage.
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_root)),
+            checkpoint_dir_name=tag,
+            delete_local_checkpoint_after_upload=True,
+        )
+
+
+def ray_context(use_gpu: bool) -> RayRankContext:
+    """Rank layout from Ray Train; Ray has already initialised torch.distributed and its variables."""
+    import ray.train
+
+    info = ray.train.get_context()
+    local_rank = info.get_local_rank()
+    os.environ.update(
+        RANK=str(info.get_world_rank()), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(info.get_world_size())
+    )
+    device = torch.device("cpu")
+    if use_gpu:
+        from ray.train.torch import get_device
+
+        device = get_device()  # Ray maps CUDA_VISIBLE_DEVICES and the local rank to this worker's GPU
+    return RayRankContext(info.get_world_rank(), info.get_world_size(), local_rank, device)
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from launcher.metrics import NullWriter
 from launcher.spec.models import StageSpec
 from launcher.spec.plan import StagePlan
 from launcher.tasks import EvalSums, Task
-from launcher.worker.checkpoint import save_checkpoint
+from launcher.worker.checkpoint import save_checkpoint, tag_for
 from launcher.worker.context import RankContext
 
 STOP_FILE = "STOP"
@@ -156,21 +156,22 @@ class Loop:
                     "train/tokens": float(state.tokens),
                 }
                 window_losses, window_tokens, window_start = [], 0, time.perf_counter()
+            paused = time.perf_counter()  # eval and checkpoint time do not count towards tokens/s
             if (stage.eval_every and state.step % stage.eval_every == 0) or done:
                 state.eval = self.evaluate()
                 scalars.update({f"eval/{key}": value for key, value in state.eval.items()})
-                window_start = time.perf_counter()
             if scalars:
                 self.writer.log(state.step, scalars)
                 self.writer.progress(state.step, scalars)
             checkpoint_due = (stage.checkpoint_every and state.step % stage.checkpoint_every == 0) or done
             if checkpoint_due or stop:
-                path = save_checkpoint(
-                    self.engine, self.checkpoints, state.step, {"train_state": asdict(state)},
+                root = self.ctx.checkpoint_root(self.checkpoints)
+                save_checkpoint(
+                    self.engine, root, state.step, {"train_state": asdict(state)},
                     stage.keep_checkpoints, self.ctx.is_main,
                 )  # fmt: skip
-                self.ctx.report({"step": state.step, "train_loss": train_loss}, path)
-                window_start = time.perf_counter()
+                self.ctx.report({"step": state.step, "train_loss": train_loss}, root, tag_for(state.step))
+            window_start += time.perf_counter() - paused
             if stop and not done:
                 if self.ctx.is_main:
                     (self.stage_dir / STOP_FILE).unlink(missing_ok=True)  # honoured: the re-run must not stop

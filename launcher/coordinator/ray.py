@@ -1,0 +1,90 @@
+"""Ray Train coordinator: each stage is one `TorchTrainer` run of N DeepSpeed workers.
+
+Joins the cluster named by RAY_ADDRESS (or `cluster.address`); with neither, starts a private Ray
+on 127.0.0.1 for this command and shuts it down afterwards. Each worker calls the same per-rank
+entry as `--local`; checkpoints are reported to Ray (`RunConfig(storage_path=<stage dir>,
+name="checkpoints")`), so a restarted worker group, or a re-run of the command, resumes from the
+last registered checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from launcher.spec import layout
+from launcher.spec.load import parse_spec
+from launcher.spec.models import JobSpec
+
+# Variables the workers need from the driver's environment (never secrets).
+_FORWARDED_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR")
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """Runs inside every Ray Train worker."""
+    if Path(config["cwd"]).is_dir():
+        os.chdir(config["cwd"])  # relative paths in the spec mean the same as on the driver
+    from launcher.worker.context import ray_context
+    from launcher.worker.entry import run_stage
+
+    spec_data = config["spec"]
+    run_stage(spec_data, config["index"], config["plan"], ray_context(spec_data["cluster"]["use_gpu"]))
+
+
+def run_stage_ray(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any]) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    spec = parse_spec(spec_data)
+    stage, cluster = spec.stages[index], spec.cluster
+    resources: dict[str, float] = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"spec": spec_data, "index": index, "plan": plan_data, "cwd": os.getcwd()},
+        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=plan_data["world_size"], use_gpu=cluster.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name="checkpoints",
+            storage_path=str(layout.stage_dir(spec, stage.name).resolve()),
+            failure_config=FailureConfig(max_failures=cluster.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints),
+        ),
+    )
+    trainer.fit()
+    summary_path = layout.summary_path(spec, stage.name)
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        if summary["steps"] >= plan_data["steps"]:
+            return summary
+    # Finished without a summary: rank 0 stopped on request after a checkpoint.
+    latest = max((p.name for p in layout.checkpoints_dir(spec, stage.name).glob("step_*")), default="step_0")
+    return {"stage": stage.name, "steps": int(latest.removeprefix("step_")), "stopped": True}
+
+
+def run_ray(spec: JobSpec) -> int:
+    import ray
+
+    from launcher.coordinator.driver import run_job
+
+    env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    address = os.environ.get("RAY_ADDRESS") or spec.cluster.address
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    else:
+        ray.init(
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            runtime_env={"env_vars": env},
+            log_to_driver=True,
+        )
+    try:
+        return run_job(spec, local=False, run_stage=run_stage_ray)
+    finally:
+        ray.shutdown()
