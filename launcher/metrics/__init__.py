@@ -110,20 +110,19 @@ class MetricsWriter(NullWriter):
         self.tb.add_text(tag, value)
 
     def progress(self, step: int, scalars: dict[str, float]) -> None:
-        loss, rate = scalars.get("train/loss"), scalars.get("train/tokens_per_sec", 0.0)
+        """A log step carries train scalars, an eval step eval scalars, some steps both."""
+        train = ""
+        if "train/loss" in scalars:
+            train = f" loss {scalars['train/loss']:.4f} tok/s {scalars['train/tokens_per_sec']:,.0f}"
+        evals = "".join(f" {key} {value:.4f}" for key, value in scalars.items() if key.startswith("eval/"))
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", refresh=True)
+            self.bar.set_postfix_str((train + evals).strip(), refresh=True)
             return
         done = step - self.start_step
         elapsed = time.perf_counter() - self.started
         eta = elapsed / done * (self.total_steps - step) if done else float("nan")
-        extra = "".join(f" {k.split('/')[-1]} {v:.4f}" for k, v in scalars.items() if k.startswith("eval/"))
-        print(
-            f"[{self.stage_name}] step {step}/{self.total_steps} loss {loss:.4f} tok/s {rate:,.0f}"
-            f"{extra} eta {eta:.0f}s",
-            flush=True,
-        )
+        print(f"[{self.stage_name}] step {step}/{self.total_steps}{train}{evals} eta {eta:.0f}s", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
