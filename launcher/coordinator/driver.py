@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from launcher.data.prepare import PreparedStage, prepare_job
@@ -98,7 +97,3 @@ def render_results(spec: JobSpec, summaries: list[dict[str, Any]]) -> str:
         )
     lines.append(f"monitor: tensorboard --logdir {layout.job_dir(spec)} --host 127.0.0.1")
     return "\n".join(lines)
-
-
-def stage_paths(spec: JobSpec) -> list[Path]:
-    return [layout.stage_dir(spec, stage.name) for stage in spec.stages]
