@@ -1,7 +1,9 @@
 """Ray Train coordinator: each stage is one `TorchTrainer` run of N DeepSpeed workers.
 
 Joins the cluster named by RAY_ADDRESS (or `cluster.address`); with neither, starts a private Ray
-on 127.0.0.1 for this command and shuts it down afterwards. Each worker calls the same per-rank
+for this command (no dashboard) and shuts it down afterwards. Ray binds that private cluster to the
+node's routable address, not loopback (it rewrites 127.0.0.1 itself); choosing token auth
+explicitly is still to do. Each worker calls the same per-rank
 entry as `--local`; checkpoints are reported to Ray (`RunConfig(storage_path=<stage dir>,
 name="checkpoints")`), so a restarted worker group, or a re-run of the command, resumes from the
 last registered checkpoint.
@@ -78,12 +80,7 @@ def run_ray(spec: JobSpec) -> int:
     if address:
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
-        ray.init(
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-            runtime_env={"env_vars": env},
-            log_to_driver=True,
-        )
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
     try:
         return run_job(spec, local=False, run_stage=run_stage_ray)
     finally:

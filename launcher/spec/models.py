@@ -33,7 +33,7 @@ class ClusterSpec(Section):
     cpus_per_worker: PositiveInt = Field(default=1, description="CPU cores reserved for each worker.")
     address: str | None = Field(
         default=None,
-        description="Ray cluster address to join; RAY_ADDRESS wins; neither starts a local Ray on 127.0.0.1.",
+        description="Ray cluster address to join; RAY_ADDRESS wins; neither starts a private Ray for the command.",
     )
     max_failures: int = Field(default=1, ge=0, description="Worker failures a stage survives (Ray restarts it).")
 
