@@ -29,7 +29,7 @@ $(DATA_STAMP): $(STAMP) launcher/data/demo.py
 	touch $(DATA_STAMP)
 
 demo: data
-	$(BIN)/launcher run jobs/demo.yaml --local $(DEMO_ARGS)
+	RAY_ADDRESS= $(BIN)/launcher run jobs/demo.yaml $(DEMO_ARGS)
 
 test: data
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

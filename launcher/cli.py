@@ -1,4 +1,4 @@
-"""Command line: `launcher validate|prepare|run JOB.yaml [key=value ...]`.
+"""Command line: `launcher validate|prepare|run|slurm JOB.yaml [key=value ...]`.
 
 Run as: launcher run jobs/demo.yaml --local
 Thin: parses arguments and calls the spec, data and coordinator layers. User errors exit 2 with one
@@ -21,11 +21,17 @@ def _parser() -> argparse.ArgumentParser:
         ("validate", "check the spec and print the resolved plan (no training)"),
         ("prepare", "tokenize and pack every stage's data (cached)"),
         ("run", "run every stage in order (resumes where it stopped)"),
+        ("slurm", "print an sbatch script for the job (from cluster.slurm), or submit it"),
     ):
         command = commands.add_parser(name, help=text, description=text)
         command.add_argument("spec", help="job spec YAML file")
         command.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.max_steps=20")
-        command.add_argument("--local", action="store_true", help="one process, one device, no Ray")
+        if name == "slurm":
+            command.add_argument("--submit", action="store_true", help="write the script and sbatch it")
+        else:
+            command.add_argument("--local", action="store_true", help="one process, one device, no Ray")
+        if name == "run":
+            command.add_argument("--stage", metavar="NAME", help="run only this stage (what it reads must be done)")
     return parser
 
 
@@ -42,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.spec.load import load_spec
 
         spec = load_spec(args.spec, args.overrides)
+        if args.command == "slurm":
+            return _slurm(spec, args)
         local = args.local or spec.cluster.num_workers == 0
         if args.command == "validate":
             from launcher.spec.plan import plan_job, render_plan
@@ -57,13 +65,25 @@ def main(argv: list[str] | None = None) -> int:
         if local:
             from launcher.coordinator.local import run_local
 
-            return run_local(spec)
+            return run_local(spec, args.stage)
         from launcher.coordinator.ray import run_ray
 
-        return run_ray(spec)
+        return run_ray(spec, args.stage)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _slurm(spec, args: argparse.Namespace) -> int:  # noqa: ANN001
+    from launcher.coordinator.slurm import render_sbatch, submit, workers_for
+    from launcher.spec.load import load_spec
+    from launcher.spec.plan import plan_job
+
+    # Check the batch arithmetic for the worker count the allocation will give, before submitting.
+    plan_job(load_spec(args.spec, [*args.overrides, f"cluster.num_workers={workers_for(spec)}"]), local=False)
+    script = render_sbatch(spec, args.spec, args.overrides)
+    print(submit(spec, script) if args.submit else script, end="" if not args.submit else "\n")
+    return 0
 
 
 if __name__ == "__main__":

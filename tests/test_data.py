@@ -36,6 +36,12 @@ def test_block_dataset_on_real_text_is_the_token_stream(tmp_path, demo_data) -> 
     blocks = BlockDataset(TokenStore.read(tmp_path / "data", "train"), seq_len=24)
     joined = np.concatenate([blocks[i]["input_ids"] for i in range(len(blocks))])
     assert joined.tolist() == [t for doc in ids for t in [*doc, tok.sep_token_id]]
+    # mlm blocks open with [CLS], as fine-tuning inputs do; the rest is still the stream, in order
+    mlm = BlockDataset(TokenStore.read(tmp_path / "data", "train"), seq_len=24, prefix=tok.cls_token_id)
+    assert all(mlm[i]["input_ids"][0] == tok.cls_token_id for i in range(len(mlm)))
+    assert all(len(mlm[i]["input_ids"]) == 24 for i in range(len(mlm) - 1))
+    joined = np.concatenate([mlm[i]["input_ids"][1:] for i in range(len(mlm))])
+    assert joined.tolist() == [t for doc in ids for t in [*doc, tok.sep_token_id]]
     # and the tokenizer round-trips through save/load
     again = load_tokenizer(tmp_path / "tok")
     assert again(texts[:5])["input_ids"] == tok(texts[:5])["input_ids"]

@@ -45,7 +45,8 @@ def test_outputs_follow_the_contract(tiny_run: Path) -> None:
         assert summary["stage"] == stage and summary["steps"] == len(records)
         assert summary["tokens"] > 0 and summary["wall_s"] > 0 and math.isfinite(summary["train_loss"])
         assert set(summary["eval"]) == {"loss", metric}
-        assert (stage_dir / "checkpoints" / "latest").is_file()
+        final = stage_dir / "checkpoints" / f"step_{len(records):08d}"
+        assert json.loads((final / "launcher.json").read_text())["step"] == len(records), "marked complete"
         assert (stage_dir / "model" / "model.safetensors").is_file()
         assert not list((stage_dir / "model").glob("*.bin")), "weights are exported as safetensors only"
         assert (stage_dir / "model" / "tokenizer.json").is_file()
@@ -72,8 +73,8 @@ def test_export_reloads_with_the_same_logits(tiny_run: Path) -> None:
         export = tiny_run / stage / "model"
         model = auto.from_pretrained(export).eval()
         tok = AutoTokenizer.from_pretrained(export)
-        latest = (tiny_run / stage / "checkpoints" / "latest").read_text().strip()
-        states = torch.load(tiny_run / stage / "checkpoints" / latest / "mp_rank_00_model_states.pt",
+        latest = max((tiny_run / stage / "checkpoints").glob("step_*"))
+        states = torch.load(latest / "mp_rank_00_model_states.pt",
                             map_location="cpu", weights_only=False)  # fmt: skip
         reference = auto.from_config(model.config).eval()
         reference.load_state_dict(states["module"])
@@ -110,3 +111,17 @@ def test_bad_input_exits_2_and_overwrites_nothing(tiny_run: Path, tmp_path: Path
         assert message in result.stderr and "Traceback" not in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert {p: p.stat().st_mtime_ns for p in guarded} == before
+
+
+def test_stage_option_runs_one_stage_and_checks_what_it_reads(tmp_path) -> None:
+    unknown = run_cli("run", "jobs/debug/tiny.yaml", "--local", "--stage", "nosuch", f"output_dir={tmp_path}")
+    assert unknown.returncode == 2 and "--stage: no stage named 'nosuch'" in unknown.stderr
+    early = run_cli("run", "jobs/debug/tiny.yaml", "--local", "--stage", "finetune", f"output_dir={tmp_path}")
+    assert early.returncode == 2 and "reads stage 'pretrain'" in early.stderr, early.stderr
+    assert "Traceback" not in early.stderr
+    only = run_cli("run", "jobs/debug/tiny.yaml", "--local", "--stage", "pretrain", "stages.0.max_steps=2",
+                   f"output_dir={tmp_path}")  # fmt: skip
+    assert_ok(only)
+    assert (tmp_path / "tiny" / "pretrain" / "summary.json").exists()
+    assert not (tmp_path / "tiny" / "finetune" / "summary.json").exists(), "only the named stage ran"
+    assert not (tmp_path / "tiny" / "summary.json").exists(), "no job summary for a partial run"

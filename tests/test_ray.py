@@ -1,63 +1,140 @@
-"""Ray Train coordinator: the tiny job with 2 DeepSpeed workers on a private loopback Ray."""
+"""Ray Train coordinator: DeepSpeed workers under a TorchTrainer, on one token-authenticated loopback Ray head
+shared by this module (started with free ports, ended by PID), or on a private Ray where a test says so."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_ok, read_jsonl, run_cli
+from tests.conftest import ROOT, assert_ok, read_jsonl, run_cli
+from tests.ray_head import RayHead, ray_head
 
 pytestmark = pytest.mark.ray
+TINY = ["jobs/debug/tiny.yaml", "cluster.num_workers=2", "stages.0.max_steps=12", "stages.0.checkpoint_every=12",
+        "stages.0.optim.lr=5e-3", "stages.0.data.max_train_samples=100"]  # fmt: skip
+PRETRAIN = ["--stage", "pretrain"]  # the fine-tuning stage adds nothing these tests look at
+# A bigger pre-training (still seconds) for the fault test; ZeRO-1's run below is its uninterrupted reference.
+FAULT = ["jobs/debug/tiny.yaml", "cluster.num_workers=2", "stages.0.max_steps=60", "stages.0.checkpoint_every=4",
+         "stages.0.model.hidden_size=128", "stages.0.data.seq_len=64",
+         "stages.0.batch.micro_batch_size=32"]  # fmt: skip
 
 
-def test_tiny_with_two_ray_workers_zero2(tmp_path) -> None:
-    from transformers import AutoModelForSequenceClassification
-
-    result = run_cli("run", "jobs/debug/tiny.yaml", f"output_dir={tmp_path}", "cluster.num_workers=2",
-                     "deepspeed.zero_stage=2", "stages.0.max_steps=6", "stages.0.checkpoint_every=3",
-                     env={"RAY_ADDRESS": ""})  # fmt: skip
-    assert_ok(result)
-    for stage in ("pretrain", "finetune"):
-        summary = json.loads((tmp_path / "tiny" / stage / "summary.json").read_text())
-        assert summary["world_size"] == 2
-        assert summary["global_batch_size"] == 2 * 8 * (1 if stage == "pretrain" else 2)
-    records = read_jsonl(tmp_path / "tiny" / "pretrain" / "metrics.jsonl")
-    assert [r["step"] for r in records] == list(range(1, 7))
-    assert records[-1]["train/loss"] < records[0]["train/loss"]
-    checkpoints = sorted(p.name for p in (tmp_path / "tiny" / "pretrain" / "checkpoints").glob("step_*"))
-    assert checkpoints == ["step_00000003", "step_00000006"]
-    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "tiny" / "finetune" / "model")
-    assert model.config.num_labels == 2
+@pytest.fixture(scope="module")
+def head(tmp_path_factory) -> RayHead:
+    with ray_head(tmp_path_factory.mktemp("ray")) as running:
+        yield running
 
 
-def _descendants(pid: int):
+def on(head: RayHead, **extra: str) -> dict[str, str]:
+    """Environment for a `launcher` command that joins the shared head."""
+    keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+    return {"RAY_ADDRESS": head.address, **{k: head.env[k] for k in keys}, **extra}
+
+
+@pytest.fixture(scope="module")
+def zero_runs(head: RayHead, tmp_path_factory) -> dict[int, Path]:
+    """The tiny job with 2 workers under each ZeRO stage (ZeRO-1 with the fault test's bigger model).
+    Every rank traces its samples. ZeRO-1's preparation is copied for the fault test before it runs."""
+    root = tmp_path_factory.mktemp("zero")
+    runs = {}
+    for zero in (0, 1, 2, 3):
+        args = [*(FAULT if zero == 1 else TINY), f"deepspeed.zero_stage={zero}"]
+        out = runs[zero] = root / f"zero{zero}"
+        if zero == 1:
+            assert_ok(run_cli("prepare", *args, f"output_dir={out}"))
+            shutil.copytree(out, root / "faulty")
+        result = run_cli("run", *args, *PRETRAIN, f"output_dir={out}",
+                         env=on(head, LAUNCHER_TRACE_SAMPLES=str(out / "trace")))  # fmt: skip
+        assert_ok(result)
+    return runs
+
+
+def _consolidated(checkpoint: Path, zero_stage: int) -> dict:
+    """The fp32 weights of a DeepSpeed checkpoint folder, gathered from every rank's shard."""
+    import torch
+
+    if zero_stage == 0:
+        return torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_zero_stage_trains_and_exports_the_consolidated_weights(zero_runs, zero: int) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    pretrain = zero_runs[zero] / "tiny" / "pretrain"
+    summary = json.loads((pretrain / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == zero
+    records = read_jsonl(pretrain / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, summary["steps"] + 1))
+    first, last = (sum(r["train/loss"] for r in part) / 3 for part in (records[:3], records[-3:]))
+    assert last < first - 0.1, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    exported = load_file(pretrain / "model" / "model.safetensors")
+    consolidated = _consolidated(pretrain / "checkpoints" / f"step_{summary['steps']:08d}", zero)
+    assert set(exported) <= set(consolidated), set(exported) - set(consolidated)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, consolidated[name].to(tensor.dtype)), f"{name} differs"
+    registered = json.loads((pretrain / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
+    assert registered, "checkpoints went through ray.train.report"
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_ranks_see_disjoint_shards_whose_union_is_the_epoch(zero_runs, zero: int) -> None:
+    pretrain = zero_runs[zero] / "tiny" / "pretrain"
+    num_samples = json.loads((pretrain / "data" / "meta.json").read_text())["prepared"]["num_train_samples"]
+    summary = json.loads((pretrain / "summary.json").read_text())
+    per_epoch = -(-num_samples // summary["global_batch_size"])
+    assert summary["steps"] > per_epoch, "the run covers a whole epoch"
+    ranks = [read_jsonl(zero_runs[zero] / "trace" / f"pretrain_rank{r}.jsonl") for r in (0, 1)]
+    seen: list[int] = []
+    for step0, step1 in zip(ranks[0][:per_epoch], ranks[1][:per_epoch], strict=True):
+        assert step0["step"] == step1["step"] and not set(step0["samples"]) & set(step1["samples"])
+        seen += step0["samples"] + step1["samples"]
+    assert set(seen) == set(range(num_samples)), "the union over ranks is the whole epoch"
+    assert len(seen) - num_samples < summary["global_batch_size"], "only the last step wraps around"
+
+
+def test_optimizer_state_per_rank_halves_from_zero_stage_1(zero_runs) -> None:
+    """Measured tensors: Adam's moments are 8 bytes x parameters per rank at stage 0 and half that from
+    stage 1 on (the ZeRO paper's partitioned optimizer state); `launcher validate`'s estimate matches."""
+    from launcher.spec.load import load_spec
+    from launcher.spec.plan import plan_stage
+
+    for zero, out in zero_runs.items():
+        summary = json.loads((out / "tiny" / "pretrain" / "summary.json").read_text())
+        full = 8 * summary["num_params"]
+        share = summary["optimizer_state_bytes"] / full
+        assert (share == 1.0) if zero == 0 else (0.49 < share < 0.52), (zero, share)
+        args = [*(FAULT if zero == 1 else TINY)[1:], f"deepspeed.zero_stage={zero}"]
+        estimate = plan_stage(load_spec(ROOT / "jobs/debug/tiny.yaml", args), 0, local=False)
+        assert estimate.num_params == summary["num_params"]
+        measured = summary["optimizer_state_bytes"] + summary["fp32_master_bytes"]
+        expected = estimate.optimizer_states_bytes_per_worker
+        assert abs(measured - expected) / expected < 0.02, (zero, measured, expected)
+    printed = run_cli("validate", "jobs/debug/tiny.yaml", "cluster.num_workers=2", "deepspeed.zero_stage=2")
+    assert "optimizer state" in printed.stdout
+
+
+def test_worker_killed_mid_run_is_replaced_and_resumes(head: RayHead, zero_runs) -> None:
+    """SIGKILL one worker after the first registered checkpoint: the stage completes from it, and its final
+    losses equal the uninterrupted run's (ZeRO-1's run above, same preparation) within 1e-5."""
     import psutil
 
-    return psutil.Process(pid).children(recursive=True)
-
-
-def test_worker_killed_mid_run_is_replaced_and_resumes(tmp_path) -> None:
-    """SIGKILL one worker after the first registered checkpoint: the stage completes from it, same loss."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    import time
-
-    from tests.conftest import ROOT
-
-    args = ["jobs/debug/tiny.yaml", "cluster.num_workers=2", "deepspeed.zero_stage=1", "stages.0.max_steps=60",
-            "stages.0.checkpoint_every=4", "stages.0.model.hidden_size=128", "stages.0.data.seq_len=64",
-            "stages.0.batch.micro_batch_size=32", "stages.1.max_steps=2"]  # fmt: skip
-    straight, faulty = tmp_path / "straight", tmp_path / "faulty"
-    assert_ok(run_cli("prepare", *args, f"output_dir={straight}"))
-    shutil.copytree(straight, faulty)
-    assert_ok(run_cli("run", *args, f"output_dir={straight}", env={"RAY_ADDRESS": ""}))
-
-    env = {**os.environ, "RAY_ADDRESS": "", "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen([sys.executable, "-m", "launcher", "run", *args, f"output_dir={faulty}"], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    straight, faulty = zero_runs[1], zero_runs[1].parent / "faulty"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", **on(head)}
+    command = [sys.executable, "-m", "launcher", "run", *FAULT, *PRETRAIN, "deepspeed.zero_stage=1",
+               f"output_dir={faulty}"]  # fmt: skip
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # Ray registers a reported checkpoint in its snapshot a moment after the files land.
         snapshot = faulty / "tiny" / "pretrain" / "checkpoints" / "checkpoint_manager_snapshot.json"
@@ -69,7 +146,8 @@ def test_worker_killed_mid_run_is_replaced_and_resumes(tmp_path) -> None:
         while not registered() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert registered(), "no checkpoint was registered"
-        workers = [p for p in _descendants(proc.pid) if "RayTrainWorker" in " ".join(p.cmdline())]
+        workers = [p for p in psutil.Process(head.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline())]  # fmt: skip
         assert len(workers) == 2, [p.cmdline() for p in workers]
         workers[1].kill()
         output, _ = proc.communicate(timeout=600)
@@ -85,3 +163,103 @@ def test_worker_killed_mid_run_is_replaced_and_resumes(tmp_path) -> None:
     assert got["step"] == want["step"] == 60
     assert abs(got["train/loss"] - want["train/loss"]) <= 1e-5
     assert abs(got["eval/loss"] - want["eval/loss"]) <= 1e-5
+
+
+RESHARD_ARGS = ["jobs/debug/tiny.yaml", "deepspeed.zero_stage=2", "stages.0.max_steps=8",
+                "stages.0.checkpoint_every=100", "stages.0.batch.grad_accum_steps=null",
+                "stages.0.batch.global_batch_size=16", "stages.1.max_steps=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def reshard_reference(tmp_path_factory) -> Path:
+    """One preparation for every run below (tokenizer training is not deterministic across processes),
+    and the uninterrupted reference: 1 worker, accumulation 2."""
+    prepared = tmp_path_factory.mktemp("reshard") / "prepared"
+    assert_ok(run_cli("prepare", *RESHARD_ARGS, f"output_dir={prepared}", "--local"))
+    reference = prepared.parent / "reference"
+    shutil.copytree(prepared, reference)
+    assert_ok(run_cli("run", *RESHARD_ARGS, *PRETRAIN, f"output_dir={reference}", "--local"))
+    return prepared
+
+
+@pytest.mark.parametrize(("first", "then"), [("ray2", "local1"), ("local1", "ray2")])
+def test_resume_on_a_different_worker_count(head, tmp_path, reshard_reference: Path, first: str, then: str) -> None:
+    """ZeRO-2 shards of 2 workers resume on 1, and the reverse (same global batch: 2 x 8 = 1 x 8 x 2). Draws
+    are keyed by micro-batch, not rank, so every step's loss equals the uninterrupted 1-worker run's."""
+    from launcher.worker.loop import STOP_AFTER_STEP_ENV
+
+    modes = {"ray2": ["cluster.num_workers=2"], "local1": ["--local"]}
+    shutil.copytree(reshard_reference, tmp_path / "run")
+    out = [f"output_dir={tmp_path / 'run'}"]
+    env = {"local1": {}, "ray2": on(head)}
+    stopped = run_cli("run", *RESHARD_ARGS, *PRETRAIN, *out, *modes[first],
+                      env={**env[first], STOP_AFTER_STEP_ENV: "4"})  # fmt: skip
+    assert stopped.returncode == 75, stopped.stdout[-2000:] + stopped.stderr[-3000:]
+    resumed = run_cli("run", *RESHARD_ARGS, *PRETRAIN, *out, *modes[then], env=env[then])
+    assert_ok(resumed)
+    assert "converting it to DeepSpeed's universal format" in resumed.stdout
+    summary = json.loads((tmp_path / "run" / "tiny" / "pretrain" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 4 and summary["steps"] == 8
+    assert summary["world_size"] == (2 if then == "ray2" else 1)
+    got = read_jsonl(tmp_path / "run" / "tiny" / "pretrain" / "metrics.jsonl")
+    want = read_jsonl(reshard_reference.parent / "reference" / "tiny" / "pretrain" / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 9))
+    for have, expected in zip(got, want, strict=True):
+        assert abs(have["train/loss"] - expected["train/loss"]) < 1e-4, (have["step"], have, expected)
+        assert abs(have["train/lr"] - expected["train/lr"]) < 1e-9
+
+
+def test_zero3_refuses_a_different_worker_count(tmp_path) -> None:
+    """On a private Ray (this command starts and stops its own): refused before any worker starts."""
+    from launcher.worker.loop import STOP_AFTER_STEP_ENV
+
+    args = [*RESHARD_ARGS, "deepspeed.zero_stage=3", f"output_dir={tmp_path}"]
+    assert run_cli("run", *args, *PRETRAIN, "--local", env={STOP_AFTER_STEP_ENV: "2"}).returncode == 75
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny" / "pretrain" / "checkpoints").rglob("*")}
+    refused = run_cli("run", *args, *PRETRAIN, "cluster.num_workers=2", env={"RAY_ADDRESS": ""})
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert "stages.0:" in refused.stderr and "cluster.num_workers=1" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    after = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny" / "pretrain" / "checkpoints").rglob("*")}
+    assert after == before, "the checkpoint is untouched"
+
+
+def _ray(head, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    ray_bin = head.env["PATH"].split(":")[0] + "/ray"
+    return subprocess.run([ray_bin, *args], cwd=ROOT, env=head.env, capture_output=True, text=True, timeout=timeout,
+                          check=False)  # fmt: skip
+
+
+def test_ray_job_submit_runs_the_tiny_job(head: RayHead, tmp_path) -> None:
+    out = tmp_path / "runs"
+    demo = ROOT / "data" / "demo"
+    # Paths on storage every node sees: Ray uploads the working dir without git-ignored files (data/).
+    overrides = [f"output_dir={out}", "cluster.num_workers=2", "deepspeed.zero_stage=2", "stages.0.max_steps=4",
+                 f"stages.0.data.train={demo / 'unlabeled.jsonl'}", f"stages.1.data.train={demo / 'train.csv'}",
+                 f"stages.1.data.eval={demo / 'test.csv'}"]  # fmt: skip
+    # The module's head: loopback, free ports, token auth.
+    without_token = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH_TOKEN")}
+    refused = subprocess.run(
+        [head.env["PATH"].split(":")[0] + "/ray", "job", "list", "--address", head.dashboard],
+        cwd=ROOT, env={**without_token, "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert refused.returncode != 0, "the head must refuse a client without the token"
+
+    submitted = _ray(head, "job", "submit", "--address", head.dashboard, "--submission-id", "launcher-test",
+                     "--working-dir", ".", "--no-wait", "--",
+                     "python", "-m", "launcher", "run", "jobs/debug/tiny.yaml", *overrides)  # fmt: skip
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    deadline, status = time.monotonic() + 600, ""
+    while time.monotonic() < deadline:
+        status = _ray(head, "job", "status", "--address", head.dashboard, "launcher-test").stdout.lower()
+        if any(f"job 'launcher-test' {word}" in status for word in ("succeeded", "failed", "stopped")):
+            break
+        time.sleep(2)
+    logs = _ray(head, "job", "logs", "--address", head.dashboard, "launcher-test").stdout
+    assert "job 'launcher-test' succeeded" in status, status + logs[-5000:]
+    assert "job tiny complete" in logs
+    for stage in ("pretrain", "finetune"):
+        summary = json.loads((out / "tiny" / stage / "summary.json").read_text())
+        assert summary["world_size"] == 2
+        assert (out / "tiny" / stage / "model" / "model.safetensors").is_file()
+    assert json.loads((out / "tiny" / "pretrain" / "summary.json").read_text())["steps"] == 4

@@ -42,9 +42,11 @@ def claim_job_dir(spec: JobSpec) -> None:
         marker.write_text(json.dumps(identity) + "\n")
 
 
-def resolve(spec: JobSpec, local: bool, log: bool = True) -> tuple[dict[str, PreparedStage], list[StagePlan]]:
-    """Prepare (cached) every stage's data, then derive each stage's plan with its sample count."""
-    prepared = prepare_job(spec, log=log)
+def resolve(
+    spec: JobSpec, local: bool, log: bool = True, only: str | None = None
+) -> tuple[dict[str, PreparedStage], list[StagePlan]]:
+    """Prepare (cached) every stage's data, or `only` that stage's, then derive each stage's plan."""
+    prepared = prepare_job(spec, log=log, only=only)
     counts = {name: info.num_train_samples for name, info in prepared.items()}
     return prepared, plan_job(spec, local, counts)
 
@@ -57,18 +59,70 @@ def completed_summary(spec: JobSpec, plan: StagePlan) -> dict[str, Any] | None:
     return summary if summary.get("steps", 0) >= (plan.steps or 0) else None
 
 
-def run_job(spec: JobSpec, local: bool, run_stage: StageRunner) -> int:
-    """Run every stage in order through `run_stage`; returns the process exit code."""
+def check_resumable(spec: JobSpec, index: int, plan: StagePlan) -> None:
+    """Refuse, before any worker starts, a resume that the stage's last checkpoint cannot support."""
+    from launcher.worker.checkpoint import (
+        convert_to_universal,
+        latest_checkpoint,
+        needs_universal,
+        read_meta,
+        resume_problem,
+        run_meta,
+    )  # fmt: skip
+
+    latest = latest_checkpoint(layout.checkpoints_dir(spec, plan.name))
+    if latest is None:
+        return
+    saved = read_meta(latest)
+    now = run_meta(plan.world_size, plan.global_batch_size, plan.zero_stage, spec.stages[index].precision)
+    problem = resume_problem(saved, now)
+    if problem is not None:
+        raise UserError(f"stages.{index}: {problem}")
+    if needs_universal(saved, now):
+        print(
+            f"stage {plan.name}: checkpoint step {saved['step']} was written by {saved['world_size']} worker(s); "
+            f"converting it to DeepSpeed's universal format for {plan.world_size}",
+            flush=True,
+        )
+        convert_to_universal(latest)
+
+
+def stage_dependencies(spec: JobSpec, index: int) -> list[str]:
+    """Earlier stages whose export or tokenizer this stage reads."""
+    stage, names = spec.stages[index], [s.name for s in spec.stages[:index]]
+    return [name for name in (stage.init_from, stage.tokenizer.source) if name in names]
+
+
+def select_stage(spec: JobSpec, only: str | None) -> int | None:
+    """`--stage NAME`: its index; the stages it reads from must be complete already."""
+    if only is None:
+        return None
+    names = [s.name for s in spec.stages]
+    if only not in names:
+        raise UserError(f"--stage: no stage named {only!r} (stages: {', '.join(names)})")
+    return names.index(only)
+
+
+def run_job(spec: JobSpec, local: bool, run_stage: StageRunner, only: str | None = None) -> int:
+    """Run every stage in order (or only the stage named `only`) through `run_stage`; returns the exit code."""
+    selected = select_stage(spec, only)
     claim_job_dir(spec)
-    _, plans = resolve(spec, local)
+    if selected is not None:
+        for name in stage_dependencies(spec, selected):
+            if not layout.summary_path(spec, name).exists():  # written only when a stage completes
+                raise UserError(f"--stage: {only} reads stage {name!r}, which has not completed; run it first")
+    _, plans = resolve(spec, local, only=only)
     spec_data = spec.model_dump(mode="json")
     summaries = []
     for index, plan in enumerate(plans):
+        if selected is not None and index != selected:
+            continue
         done = completed_summary(spec, plan)
         if done is not None:
             print(f"stage {plan.name}: already complete ({done['steps']} steps), skipped", flush=True)
             summaries.append(done)
             continue
+        check_resumable(spec, index, plan)
         layout.stage_dir(spec, plan.name).mkdir(parents=True, exist_ok=True)
         print(
             f"stage {plan.name}: {plan.steps} steps, global batch {plan.global_batch_size}, world size "
@@ -80,13 +134,15 @@ def run_job(spec: JobSpec, local: bool, run_stage: StageRunner) -> int:
             print(f"stage {plan.name}: stopped at step {summary['steps']} after a checkpoint; re-run to resume")
             return EXIT_STOPPED
         summaries.append(summary)
-    (layout.job_dir(spec) / "summary.json").write_text(json.dumps({"job": spec.name, "stages": summaries}, indent=1))
-    print(render_results(spec, summaries))
+    if selected is None:
+        job_summary = {"job": spec.name, "stages": summaries}
+        (layout.job_dir(spec) / "summary.json").write_text(json.dumps(job_summary, indent=1))
+    print(render_results(spec, summaries, "job" if selected is None else f"stage {only} of job"))
     return 0
 
 
-def render_results(spec: JobSpec, summaries: list[dict[str, Any]]) -> str:
-    lines = [f"job {spec.name} complete: {layout.job_dir(spec)}"]
+def render_results(spec: JobSpec, summaries: list[dict[str, Any]], what: str = "job") -> str:
+    lines = [f"{what} {spec.name} complete: {layout.job_dir(spec)}"]
     for summary in summaries:
         evals = " ".join(f"eval_{k} {v:.4f}" for k, v in summary["eval"].items() if v is not None)
         evals += "".join(f" ({k} {v:.4f})" for k, v in summary.get("reference", {}).items())

@@ -19,7 +19,7 @@ def run_stage_local(spec_data: dict[str, Any], index: int, plan_data: dict[str, 
         gc.collect()
 
 
-def run_local(spec: JobSpec) -> int:
+def run_local(spec: JobSpec, only: str | None = None) -> int:
     from launcher.coordinator.driver import run_job
 
-    return run_job(spec, local=True, run_stage=run_stage_local)
+    return run_job(spec, local=True, run_stage=run_stage_local, only=only)

@@ -1,9 +1,9 @@
 """Ray Train coordinator: each stage is one `TorchTrainer` run of N DeepSpeed workers.
 
 Joins the cluster named by RAY_ADDRESS (or `cluster.address`); with neither, starts a private Ray
-for this command (no dashboard) and shuts it down afterwards. Ray binds that private cluster to the
-node's routable address, not loopback (it rewrites 127.0.0.1 itself); choosing token auth
-explicitly is still to do. Each worker calls the same per-rank
+for this command (no dashboard; token auth with a token of its own) and shuts it down afterwards.
+Ray binds that private cluster to the node's routable address, not loopback (it rewrites
+127.0.0.1 itself), hence the token. Each worker calls the same per-rank
 entry as `--local`; checkpoints are reported to Ray (`RunConfig(storage_path=<stage dir>,
 name="checkpoints")`), so a restarted worker group, or a re-run of the command, resumes from the
 last registered checkpoint.
@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +24,10 @@ from launcher.spec.load import parse_spec
 from launcher.spec.models import JobSpec
 
 # Variables the workers need from the driver's environment (never secrets).
-_FORWARDED_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR")
+_FORWARDED_ENV = (
+    "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR", "LAUNCHER_STOP_AFTER_STEP",
+    "LAUNCHER_STOP_FILE", "LAUNCHER_TRACE_SAMPLES",
+)  # fmt: skip
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -65,23 +71,41 @@ def run_stage_ray(spec_data: dict[str, Any], index: int, plan_data: dict[str, An
         if summary["steps"] >= plan_data["steps"]:
             return summary
     # Finished without a summary: rank 0 stopped on request after a checkpoint.
-    latest = max((p.name for p in layout.checkpoints_dir(spec, stage.name).glob("step_*")), default="step_0")
-    return {"stage": stage.name, "steps": int(latest.removeprefix("step_")), "stopped": True}
+    from launcher.worker.checkpoint import latest_checkpoint, read_meta
+
+    latest = latest_checkpoint(layout.checkpoints_dir(spec, stage.name))
+    return {"stage": stage.name, "steps": 0 if latest is None else read_meta(latest)["step"], "stopped": True}
 
 
-def run_ray(spec: JobSpec) -> int:
-    import ray
-
+def run_ray(spec: JobSpec, only: str | None = None) -> int:
     from launcher.coordinator.driver import run_job
 
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
     address = os.environ.get("RAY_ADDRESS") or spec.cluster.address
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+    # A joined cluster's auth mode and token come from the environment (RAY_AUTH_MODE,
+    # RAY_AUTH_TOKEN_PATH); a private one gets its own token. Ray reads both when it is imported.
+    private = None if address else _private_token()
+    import ray
+
     try:
-        return run_job(spec, local=False, run_stage=run_stage_ray)
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        else:
+            ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+        return run_job(spec, local=False, run_stage=run_stage_ray, only=only)
     finally:
         ray.shutdown()
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _private_token() -> Path:
+    """Token auth for the private Ray, with a token of its own (never `~/.ray/auth_token`)."""
+    folder = Path(tempfile.mkdtemp(prefix="launcher-ray-"))  # mode 0700
+    token = folder / "token"
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_hex(32))
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    return folder

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.data.corpus import Documents, read_documents, resolve_files
-from launcher.data.store import BlockDataset, TokenStore, pack_stream
+from launcher.data.store import BlockDataset, TokenStore, block_prefix, pack_stream
 from launcher.data.tokenizer import load_tokenizer, separator_id, train_tokenizer
 from launcher.errors import UserError
 from launcher.spec import layout
 from launcher.spec.models import JobSpec, StageSpec
 
-META_VERSION = 1
+META_VERSION = 2  # 2: mlm blocks start with [CLS]
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,9 @@ def prepare_stage(spec: JobSpec, index: int) -> PreparedStage:
         for split, docs in (("train", train), ("eval", evaluation)):
             ids = tok(docs.texts, add_special_tokens=False)["input_ids"]
             TokenStore.write(out, split, [pack_stream(ids, sep).tolist()], None)
-        num_train = len(BlockDataset(TokenStore.read(out, "train"), data.seq_len))
-        num_eval = len(BlockDataset(TokenStore.read(out, "eval"), data.seq_len))
+        prefix = block_prefix(stage.task, tok)
+        num_train = len(BlockDataset(TokenStore.read(out, "train"), data.seq_len, prefix))
+        num_eval = len(BlockDataset(TokenStore.read(out, "eval"), data.seq_len, prefix))
     prepared = PreparedStage(
         num_train_samples=num_train,
         num_eval_samples=num_eval,
@@ -150,10 +151,12 @@ def prepare_stage(spec: JobSpec, index: int) -> PreparedStage:
     return prepared
 
 
-def prepare_job(spec: JobSpec, log: bool = True) -> dict[str, PreparedStage]:
-    """Prepare every stage in order; fails before any training if any stage's data is bad."""
+def prepare_job(spec: JobSpec, log: bool = True, only: str | None = None) -> dict[str, PreparedStage]:
+    """Prepare every stage (or only the one named `only`) in order; bad data fails before any training."""
     prepared: dict[str, PreparedStage] = {}
     for index, stage in enumerate(spec.stages):
+        if only is not None and stage.name != only:
+            continue
         prepared[stage.name] = prepare_stage(spec, index)
         if log:
             info = prepared[stage.name]

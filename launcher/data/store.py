@@ -70,18 +70,34 @@ class TokenStore:
 
 
 class BlockDataset:
-    """Pre-training view: sample i is block i of the packed stream (the stream is stored packed)."""
+    """Pre-training view: sample i is block i of the packed stream (the stream is stored packed).
 
-    def __init__(self, store: TokenStore, seq_len: int) -> None:
+    With a `prefix` token (BERT's [CLS] for mlm), every block is that token followed by the next
+    `seq_len - 1` stream tokens, so the model sees [CLS] at position 0 in pre-training exactly as
+    a fine-tuned sequence classifier will (RoBERTa's full-sentences packing); the stream itself is
+    still covered once, in order.
+    """
+
+    def __init__(self, store: TokenStore, seq_len: int, prefix: int | None = None) -> None:
         self.stream = store.tokens
-        self.seq_len = seq_len
+        self.prefix = prefix
+        self.span = seq_len if prefix is None else seq_len - 1
+        assert self.span > 0, "seq_len must leave room for the prefix token"
 
     def __len__(self) -> int:
-        return math.ceil(len(self.stream) / self.seq_len)
+        return math.ceil(len(self.stream) / self.span)
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        start = index * self.seq_len
-        return {"input_ids": np.asarray(self.stream[start : start + self.seq_len], dtype=np.int64)}
+        start = index * self.span
+        block = np.asarray(self.stream[start : start + self.span], dtype=np.int64)
+        if self.prefix is not None:
+            block = np.concatenate([np.array([self.prefix], dtype=np.int64), block])
+        return {"input_ids": block}
+
+
+def block_prefix(task: str, tokenizer) -> int | None:  # noqa: ANN001
+    """The token each pre-training block starts with: [CLS] for masked LM, none for causal LM."""
+    return tokenizer.cls_token_id if task == "mlm" else None
 
 
 class DocumentDataset:

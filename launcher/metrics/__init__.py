@@ -102,7 +102,7 @@ class MetricsWriter(NullWriter):
     def log(self, step: int, scalars: dict[str, float]) -> None:
         for key, value in scalars.items():
             self.tb.add_scalar(key, value, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **scalars}) + "\n")
         self.jsonl.flush()
         self.tb.flush()
 

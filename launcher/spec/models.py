@@ -36,6 +36,32 @@ class ClusterSpec(Section):
         description="Ray cluster address to join; RAY_ADDRESS wins; neither starts a private Ray for the command.",
     )
     max_failures: int = Field(default=1, ge=0, description="Worker failures a stage survives (Ray restarts it).")
+    slurm: SlurmSpec = Field(default_factory=lambda: SlurmSpec(), description="Allocation for `launcher slurm`.")
+
+
+class SlurmSpec(Section):
+    """What `launcher slurm` asks SLURM for. The worker count is derived from the allocation."""
+
+    nodes: PositiveInt = Field(default=1, description="Nodes to allocate (`--nodes`); Ray runs one node per host.")
+    gpus_per_node: int = Field(default=0, ge=0, description="GPUs per node (`--gpus-per-node`); one worker each.")
+    cpus_per_node: PositiveInt = Field(default=8, description="CPU cores per node (`--cpus-per-task`, one task).")
+    time_limit: str = Field(
+        default="24:00:00", pattern=r"^[0-9]+(-[0-9]+)?(:[0-9]+){0,2}$", description="Wall-clock limit (`--time`)."
+    )
+    partition: str | None = Field(default=None, description="Partition (`--partition`); the cluster default if unset.")
+    account: str | None = Field(default=None, description="Account to charge (`--account`).")
+    job_name: str | None = Field(default=None, description="SLURM job name; the spec's `name` if unset.")
+    preempt_grace_s: PositiveInt = Field(
+        default=120, description="Seconds before the time limit or preemption at which SIGUSR1 asks for a checkpoint."
+    )
+    requeue_on_term: bool = Field(default=False, description="Also checkpoint and requeue on SIGTERM (scancel).")
+
+    @field_validator("partition", "account", "job_name")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and (not value or not value.isprintable()):
+            raise ValueError("must be non-empty printable text (no newlines or control characters)")
+        return value
 
 
 class DeepSpeedSpec(Section):

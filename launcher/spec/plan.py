@@ -16,6 +16,8 @@ from launcher.spec.models import JobSpec, ModelSpec, StageSpec
 # Bytes per parameter of model states (ZeRO paper, section 3): weights, gradients, Adam state.
 # fp32: 4 + 4 + 8 (exp_avg, exp_avg_sq). Mixed precision: 2 + 2 + 12 (fp32 master + two moments).
 _STATE_BYTES = {"fp32": (4, 4, 8), "bf16": (2, 2, 12), "fp16": (2, 2, 12)}
+# DeepSpeed's ZeRO optimizers (stage >= 1) keep an fp32 master partition even when training in fp32.
+_FP32_ZERO_MASTER_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class StagePlan:
     zero_stage: int
     num_params: int | None
     model_states_bytes_per_worker: int | None
+    optimizer_states_bytes_per_worker: int | None
 
 
 def world_size(spec: JobSpec, local: bool) -> int:
@@ -127,16 +130,22 @@ def count_params(family: str, task: str, sizes: dict[str, int], num_labels: int 
     raise AssertionError(family)
 
 
-def model_states_bytes(num_params: int, precision: str, zero_stage: int, world: int) -> int:
-    """Per-worker bytes of weights + gradients + optimizer state under ZeRO (activations excluded)."""
+def model_states_bytes(num_params: int, precision: str, zero_stage: int, world: int) -> dict[str, int]:
+    """Per-worker bytes of weights, gradients and optimizer state under ZeRO (activations excluded).
+
+    Stage 1 partitions the optimizer state over the workers, stage 2 also the gradients, stage 3
+    also the weights (the ZeRO paper's Psi-based formula).
+    """
     weights, grads, optim = (b * num_params for b in _STATE_BYTES[precision])
     if zero_stage >= 1:
+        if precision == "fp32":
+            optim += _FP32_ZERO_MASTER_BYTES * num_params
         optim /= world
     if zero_stage >= 2:
         grads /= world
     if zero_stage >= 3:
         weights /= world
-    return int(weights + grads + optim)
+    return {"weights": int(weights), "gradients": int(grads), "optimizer": int(optim)}
 
 
 def _vocab_size(spec: JobSpec, stage: StageSpec) -> int:
@@ -180,7 +189,8 @@ def plan_stage(spec: JobSpec, index: int, local: bool, num_train_samples: int | 
         steps=total_steps(stage, global_batch, num_train_samples),
         zero_stage=spec.deepspeed.zero_stage,
         num_params=num_params,
-        model_states_bytes_per_worker=states,
+        model_states_bytes_per_worker=None if states is None else sum(states.values()),
+        optimizer_states_bytes_per_worker=None if states is None else states["optimizer"],
     )
 
 
@@ -198,7 +208,12 @@ def render_plan(spec: JobSpec, plans: list[StagePlan], local: bool) -> str:
     ]
     for index, (stage, plan) in enumerate(zip(spec.stages, plans, strict=True)):
         steps = plan.steps if plan.steps is not None else f"{stage.epochs} epoch(s) (steps known after prepare)"
-        memory = "unknown" if plan.model_states_bytes_per_worker is None else _gib(plan.model_states_bytes_per_worker)
+        memory = "unknown"
+        if plan.model_states_bytes_per_worker is not None:
+            memory = (
+                f"{_gib(plan.model_states_bytes_per_worker)} (optimizer state "
+                f"{_gib(plan.optimizer_states_bytes_per_worker or 0)})"
+            )
         params = "unknown" if plan.num_params is None else f"{plan.num_params / 1e6:.2f} M"
         source = f", init_from {stage.init_from}" if stage.init_from else ""
         lines += [

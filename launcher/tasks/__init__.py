@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.data.store import BlockDataset, DocumentDataset, TokenStore
+from launcher.data.store import BlockDataset, DocumentDataset, TokenStore, block_prefix
 from launcher.spec.models import ModelSpec, StageSpec
 
 
@@ -130,7 +130,8 @@ class Task:
         return auto(config) if issubclass(auto, PreTrainedModel) else auto.from_config(config)
 
     def dataset(self, data_dir: Path, split: str):  # noqa: ANN201
-        return BlockDataset(TokenStore.read(data_dir, split), self.stage.data.seq_len)
+        prefix = block_prefix(self.stage.task, self.tokenizer)
+        return BlockDataset(TokenStore.read(data_dir, split), self.stage.data.seq_len, prefix)
 
     def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError

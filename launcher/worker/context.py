@@ -6,6 +6,7 @@ The training loop only sees a `RankContext`; it never asks which backend runs it
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +26,17 @@ class RankContext:
         return self.rank == 0
 
     def restore_dir(self, checkpoints: Path) -> Path | None:
-        """A DeepSpeed checkpoint folder (with a `latest` tag file) to resume from, if any."""
-        return checkpoints if (checkpoints / "latest").is_file() else None
+        """The checkpoint folder (`checkpoints/step_N`) to resume from, if any: the newest complete one."""
+        from launcher.worker.checkpoint import latest_checkpoint
+
+        return latest_checkpoint(checkpoints)
 
     def checkpoint_root(self, checkpoints: Path) -> Path:
         """Where this rank writes the next checkpoint (here: the stage's persistent folder)."""
         return checkpoints
 
-    def report(self, metrics: dict[str, float], checkpoint_root: Path, tag: str) -> None:
-        """Tell the coordinator a checkpoint is complete; a single process has nobody to tell."""
+    def report(self, metrics: dict[str, float], checkpoint: Path) -> None:
+        """Tell the coordinator a checkpoint folder is complete; a single process has nobody to tell."""
 
 
 class RayRankContext(RankContext):
@@ -43,23 +46,26 @@ class RayRankContext(RankContext):
         import ray.train
 
         checkpoint = ray.train.get_checkpoint()
-        return None if checkpoint is None else Path(checkpoint.path)
+        if checkpoint is None:  # Ray registered none: take one written in place (e.g. by `--local`)
+            return super().restore_dir(checkpoints)
+        return Path(checkpoint.path)
 
     def checkpoint_root(self, checkpoints: Path) -> Path:
         import tempfile
 
         return Path(tempfile.mkdtemp(prefix="launcher-ckpt-"))
 
-    def report(self, metrics: dict[str, float], checkpoint_root: Path, tag: str) -> None:
+    def report(self, metrics: dict[str, float], checkpoint: Path) -> None:
         import ray.train
 
-        # Every rank reports its shard folder; Ray merges them into one checkpoint in storage.
+        # Every rank reports its shard folder; Ray merges them into `checkpoints/step_N/` in storage.
         ray.train.report(
             metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint_root)),
-            checkpoint_dir_name=tag,
+            checkpoint=ray.train.Checkpoint.from_directory(str(checkpoint)),
+            checkpoint_dir_name=checkpoint.name,
             delete_local_checkpoint_after_upload=True,
         )
+        shutil.rmtree(checkpoint.parent, ignore_errors=True)  # the temporary root from `checkpoint_root`
 
 
 def ray_context(use_gpu: bool) -> RayRankContext:

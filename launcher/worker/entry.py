@@ -7,6 +7,7 @@ The same function runs in debug mode (one process) and in every Ray worker; only
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,22 @@ import torch
 import yaml
 
 from launcher.data.tokenizer import load_tokenizer
+from launcher.errors import UserError
 from launcher.metrics import MetricsWriter, NullWriter, flops_per_token, json_safe, peak_flops
 from launcher.spec import layout
 from launcher.spec.deepspeed_config import build_deepspeed_config
 from launcher.spec.load import parse_spec
 from launcher.spec.plan import StagePlan
 from launcher.tasks import build_task
-from launcher.worker.checkpoint import export_model, load_checkpoint
+from launcher.worker.checkpoint import (
+    UNIVERSAL,
+    export_model,
+    load_checkpoint,
+    needs_universal,
+    read_meta,
+    resume_problem,
+    run_meta,
+)
 from launcher.worker.context import RankContext
 from launcher.worker.engine import build_engine
 from launcher.worker.loop import Loop, TrainState
@@ -45,6 +55,7 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
     plan = StagePlan(**plan_data)
     assert plan.world_size == ctx.world_size, f"plan is for {plan.world_size} ranks, this run has {ctx.world_size}"
     assert plan.steps is not None, "the coordinator resolves steps before launching"
+    print(f"stage {stage.name}: rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device})", flush=True)
     stage_dir = layout.stage_dir(spec, stage.name)
     checkpoints = layout.checkpoints_dir(spec, stage.name)
 
@@ -55,12 +66,24 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
     fpt = flops_per_token(model, plan.seq_len)
     num_params = sum(p.numel() for p in model.parameters())
     ds_config = build_deepspeed_config(spec.deepspeed, stage, plan)
+    meta = run_meta(ctx.world_size, plan.global_batch_size, plan.zero_stage, stage.precision)
+    restore = ctx.restore_dir(checkpoints)
+    universal = False
+    if restore is not None:
+        saved = read_meta(restore)
+        problem = resume_problem(saved, meta)
+        if problem is not None:  # the driver checks first; this guards checkpoints that appeared since
+            raise UserError(f"stages.{index}: {problem}")
+        universal = needs_universal(saved, meta)
+        if universal:
+            if not (restore / UNIVERSAL).is_dir():
+                raise UserError(f"stages.{index}: {restore} has no universal copy yet; run the same command again")
+            ds_config["checkpoint"] = {"load_universal": True}
     engine = build_engine(model, ds_config, stage, plan.steps, ctx.device)
 
     state = TrainState()
-    restore = ctx.restore_dir(checkpoints)
     if restore is not None:
-        state = TrainState(**load_checkpoint(engine, restore)["train_state"])
+        state = TrainState(**load_checkpoint(engine, restore, universal)["train_state"])
     resumed_from_step = None if restore is None else state.step
     peak, peak_source = peak_flops(ctx.device, stage.precision)
     writer = MetricsWriter(stage_dir, stage.name, state.step, plan.steps) if ctx.is_main else NullWriter()
@@ -71,6 +94,7 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
         engine=engine, task=task, stage=stage, plan=plan, ctx=ctx, writer=writer, stage_dir=stage_dir,
         checkpoints=checkpoints, seed=spec.seed, train_set=task.dataset(layout.data_dir(spec, stage.name), "train"),
         eval_set=task.dataset(layout.data_dir(spec, stage.name), "eval"), flops_per_token=fpt, peak_flops=peak,
+        checkpoint_meta=meta,
     )  # fmt: skip
     if state.step < plan.steps:
         state, stopped = loop.run(state)
@@ -91,6 +115,7 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
         "zero_stage": plan.zero_stage,
         "precision": stage.precision,
         "num_params": num_params,
+        **optimizer_state_bytes(engine),
         "flops_per_token": fpt,
         "peak_flops_per_device": peak,
         "peak_flops_source": peak_source,
@@ -104,6 +129,21 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
         if ctx.is_main:
             layout.summary_path(spec, stage.name).write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def optimizer_state_bytes(engine: Any) -> dict[str, int]:
+    """This rank's measured optimizer memory: Adam's moments, and the fp32 master partition ZeRO keeps."""
+
+    def nbytes(tensors: Any) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t) and t.dim() > 0)
+
+    wrapper = engine.optimizer
+    base = getattr(wrapper, "optimizer", wrapper)  # ZeRO wrappers hold the torch optimizer
+    moments = nbytes(t for state in base.state.values() for t in state.values())
+    master = 0
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+        master += nbytes(getattr(wrapper, name, None) or [])
+    return {"optimizer_state_bytes": moments, "fp32_master_bytes": master}
 
 
 def quiet_libraries() -> None:

@@ -1,11 +1,15 @@
 """The training loop of one rank: accumulation, cadence (log, eval, checkpoint), stop requests.
 
-Randomness is re-derived from (seed, step, rank) at every step, so a resumed step draws exactly the
-numbers the uninterrupted run drew: masking, dropout and data order need no saved RNG stream.
+Randomness is re-derived at every step, so a resumed step draws exactly the numbers the
+uninterrupted run drew: masking, dropout and data order need no saved RNG stream. Training draws
+are keyed by (seed, step, global micro-batch index), not by rank, so with the same global batch
+the samples, masks and dropout of a step are the same on 1 worker with accumulation 2 as on 2
+workers without: the run's trajectory does not depend on the worker count.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -21,11 +25,13 @@ from launcher.metrics import NullWriter
 from launcher.spec.models import StageSpec
 from launcher.spec.plan import StagePlan
 from launcher.tasks import EvalSums, Task
-from launcher.worker.checkpoint import save_checkpoint, tag_for
+from launcher.worker.checkpoint import save_checkpoint
 from launcher.worker.context import RankContext
 
 STOP_FILE = "STOP"
 STOP_AFTER_STEP_ENV = "LAUNCHER_STOP_AFTER_STEP"
+STOP_FILE_ENV = "LAUNCHER_STOP_FILE"  # another stop file, for whoever started the run (e.g. on SIGUSR1)
+TRACE_SAMPLES_ENV = "LAUNCHER_TRACE_SAMPLES"  # a folder: each rank appends the sample ids it trains on
 
 
 @dataclass
@@ -39,8 +45,8 @@ class TrainState:
     eval: dict[str, float] = field(default_factory=dict)
 
 
-def step_seed(seed: int, step: int, rank: int, purpose: int) -> int:
-    return int(np.random.SeedSequence([seed, step, rank, purpose]).generate_state(1)[0])
+def step_seed(seed: int, step: int, index: int, purpose: int) -> int:
+    return int(np.random.SeedSequence([seed, step, index, purpose]).generate_state(1)[0])
 
 
 @dataclass
@@ -58,6 +64,7 @@ class Loop:
     eval_set: Any
     flops_per_token: float
     peak_flops: float
+    checkpoint_meta: dict[str, Any]
 
     def _batch(self, dataset: Any, indices: list[int], generator: torch.Generator) -> dict[str, torch.Tensor]:
         batch = self.task.collate([dataset[i] for i in indices], generator)
@@ -72,7 +79,10 @@ class Loop:
         """Rank 0's view (stop file or test hook); the caller shares it with every rank."""
         if not self.ctx.is_main:
             return False
-        return os.environ.get(STOP_AFTER_STEP_ENV) == str(step) or (self.stage_dir / STOP_FILE).exists()
+        if os.environ.get(STOP_AFTER_STEP_ENV) == str(step) or (self.stage_dir / STOP_FILE).exists():
+            return True
+        job_stop = os.environ.get(STOP_FILE_ENV)  # set by the SLURM template: preemption is near
+        return bool(job_stop) and Path(job_stop).exists()
 
     def _grad_norm(self) -> float | None:
         """Pre-clipping global norm; ZeRO-0 in fp32 does not record one, so compute it."""
@@ -112,17 +122,34 @@ class Loop:
             len(self.train_set), self.plan.micro_batch_size, self.plan.grad_accum_steps,
             self.ctx.world_size, self.ctx.rank, self.seed,
         )  # fmt: skip
+        self.engine.train()
+        trace_dir = os.environ.get(TRACE_SAMPLES_ENV)
+        trace = None
+        if trace_dir:
+            Path(trace_dir).mkdir(parents=True, exist_ok=True)
+            trace = (Path(trace_dir) / f"{self.stage.name}_rank{self.ctx.rank}.jsonl").open("a")
+        try:
+            return self._run(state, sampler, trace)
+        finally:
+            if trace is not None:
+                trace.close()
+
+    def _run(self, state: TrainState, sampler: StepSampler, trace: Any) -> tuple[TrainState, bool]:
         stage = self.stage
+        assert self.plan.steps is not None
         window_losses: list[float] = []
         window_tokens, window_start = 0, time.perf_counter()
         session_start, wall_before = time.perf_counter(), state.wall_s
-        self.engine.train()
         while state.step < self.plan.steps:
             step = state.step
-            torch.manual_seed(step_seed(self.seed, step, self.ctx.rank, purpose=0))
-            generator = torch.Generator().manual_seed(step_seed(self.seed, step, self.ctx.rank, purpose=1))
+            if trace is not None:
+                samples = [i for micro in sampler.micro_batches(step) for i in micro]
+                trace.write(json.dumps({"step": step, "samples": samples}) + "\n")
             loss_sum, tokens, grad_norm = 0.0, 0, None
             for micro, indices in enumerate(sampler.micro_batches(step)):
+                index = self.ctx.rank * self.plan.grad_accum_steps + micro  # the micro-batch's place in the step
+                torch.manual_seed(step_seed(self.seed, step, index, purpose=0))  # dropout
+                generator = torch.Generator().manual_seed(step_seed(self.seed, step, index, purpose=1))  # masking
                 batch = self._batch(self.train_set, indices, generator)
                 loss = self.engine(**batch).loss
                 self.engine.backward(loss)
@@ -165,12 +192,11 @@ class Loop:
                 self.writer.progress(state.step, scalars)
             checkpoint_due = (stage.checkpoint_every and state.step % stage.checkpoint_every == 0) or done
             if checkpoint_due or stop:
-                root = self.ctx.checkpoint_root(self.checkpoints)
-                save_checkpoint(
-                    self.engine, root, state.step, {"train_state": asdict(state)},
-                    stage.keep_checkpoints, self.ctx.is_main,
+                path = save_checkpoint(
+                    self.engine, self.ctx.checkpoint_root(self.checkpoints), state.step,
+                    {"train_state": asdict(state)}, self.checkpoint_meta, stage.keep_checkpoints, self.ctx.is_main,
                 )  # fmt: skip
-                self.ctx.report({"step": state.step, "train_loss": train_loss}, root, tag_for(state.step))
+                self.ctx.report({"step": state.step, "train_loss": train_loss}, path)
             window_start += time.perf_counter() - paused
             if stop and not done:
                 if self.ctx.is_main:

@@ -1,0 +1,101 @@
+"""Throughput of `launcher run` (2 Ray workers, ZeRO-2) against a raw DeepSpeed loop under torchrun.
+
+Run as: .venv/bin/python benchmarks/ray_vs_torchrun.py [--steps 60] [--warmup 10] [--repeat 1]
+
+Both train the same model, data and batch (benchmarks/pretrain-bench.yaml: the demo's pre-training
+stage) with the same DeepSpeed config on 2 CPU processes of one thread each. Data is prepared once,
+before anything is timed. Printed per run: steady-state tokens/s (steps after --warmup, from the
+rank-0 timestamps of each step) and seconds from command start to the end of the first step; then
+the ratio launcher / raw. Runs alternate (raw, launcher, raw, ...) so drifting machine load hits both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = ROOT / "benchmarks" / "pretrain-bench.yaml"
+
+
+def steady_rate(records: list[dict], warmup: int) -> float:
+    """Tokens per second over the steps after `warmup` (timestamps of step ends)."""
+    after = [r for r in records if r["step"] >= warmup]
+    tokens = sum(r["tokens"] for r in after[1:])
+    return tokens / (after[-1]["time"] - after[0]["time"])
+
+
+def run_raw(out: Path, steps: int, env: dict[str, str]) -> tuple[float, list[dict]]:
+    from launcher.worker.context import free_port
+
+    start = time.time()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(ROOT / "benchmarks" / "raw_deepspeed.py"), str(JOB), str(out),
+         str(steps)],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"raw DeepSpeed run failed:\n{result.stderr[-4000:]}")
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"step"')]
+    return start, records
+
+
+def run_launcher(out: Path, steps: int, env: dict[str, str]) -> tuple[float, list[dict]]:
+    stage = out / "bench" / "pretrain"
+    for name in ("metrics.jsonl", "summary.json"):
+        (stage / name).unlink(missing_ok=True)
+    for path in (stage / "checkpoints", stage / "model", stage / "tensorboard"):
+        subprocess.run(["rm", "-rf", str(path)], check=True)
+    start = time.time()
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher", "run", str(JOB), f"output_dir={out}", f"stages.0.max_steps={steps}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"launcher run failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    records, seen = [], 0.0
+    for row in rows:  # cumulative train/tokens -> tokens of each step
+        records.append({"step": row["step"], "time": row["time"], "tokens": row["train/tokens"] - seen})
+        seen = row["train/tokens"]
+    return start, records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    with tempfile.TemporaryDirectory(prefix="launcher-bench-") as tmp:
+        out = Path(tmp)
+        subprocess.run([sys.executable, "-m", "launcher", "prepare", str(JOB), f"output_dir={out}"], cwd=ROOT,
+                       env=env, check=True, capture_output=True)  # fmt: skip
+        results: dict[str, list[tuple[float, float]]] = {"raw": [], "launcher": []}
+        for _ in range(args.repeat):
+            for name, runner in (("raw", run_raw), ("launcher", run_launcher)):
+                start, records = runner(out, args.steps, env)
+                rate = steady_rate(records, args.warmup)
+                first = records[0]["time"] - start
+                results[name].append((rate, first))
+                print(f"{name:<9} steady {rate:9,.0f} tokens/s   first step after {first:5.1f} s", flush=True)
+    raw = statistics.median(r for r, _ in results["raw"])
+    ours = statistics.median(r for r, _ in results["launcher"])
+    print(
+        f"ratio launcher/raw tokens/s: {ours / raw:.3f} (target >= 0.95); first step: raw "
+        f"{statistics.median(f for _, f in results['raw']):.1f} s, launcher "
+        f"{statistics.median(f for _, f in results['launcher']):.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

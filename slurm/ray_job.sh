@@ -1,0 +1,206 @@
+#!/usr/bin/env bash
+# Run as (inside a SLURM allocation; the sbatch templates exec it):
+#   slurm/ray_job.sh JOB.yaml [key=value ...]
+#
+# The body of slurm/pretrain.sh, slurm/finetune.sh and of scripts rendered by `launcher slurm`:
+#   1. find the head node (first host of the allocation) and its address, with an srun on it;
+#   2. derive Ray's ports from SLURM_JOB_ID, so jobs sharing nodes never collide; give each job and
+#      node its own Ray temp dir; create a per-job auth token readable only by the user;
+#   3. start the Ray head (srun, first node) and one Ray worker per other node, then poll until
+#      every node has joined (error and exit 3 on timeout; no fixed sleeps);
+#   4. run `launcher run JOB.yaml ...` against that cluster with the worker count derived from the
+#      allocation (GPUs per node x nodes, or LAUNCHER_WORKERS_PER_NODE x nodes on CPUs);
+#   5. on SIGUSR1 (`#SBATCH --signal=B:USR1@<grace>`), or SIGTERM with LAUNCHER_REQUEUE_ON_TERM=1:
+#      ask the run to checkpoint and stop (a stop file the training loop polls every step), wait
+#      for it, then `scontrol requeue` the job; the requeued job resumes from that checkpoint;
+#   6. stop everything it started, by PID.
+#
+# Environment knobs (all optional):
+#   LAUNCHER_HOME             repository root (default: the sbatch submit directory)
+#   LAUNCHER_VENV             virtualenv with launcher and ray (default: $LAUNCHER_HOME/.venv if present)
+#   CONTAINER_IMAGE           run every step in this image via pyxis (srun --container-image ...)
+#   LAUNCHER_STATE_DIR        per-job state (token, ports, stop file); default $LAUNCHER_HOME/.slurm-state
+#   LAUNCHER_RAY_PORT_BASE    first of the 100 ports this job uses (default: from SLURM_JOB_ID)
+#   LAUNCHER_JOIN_TIMEOUT     seconds to wait for all nodes to join Ray (default 300)
+#   LAUNCHER_WORKERS_PER_NODE training workers per node without GPUs (default 1)
+#   LAUNCHER_REQUEUE_ON_TERM  1: treat SIGTERM (scancel) like SIGUSR1
+#   LAUNCHER_RAY_BIND         address Ray advertises on each node (default: the node's own address)
+set -euo pipefail
+
+log() { printf 'launcher-slurm: %s\n' "$*" >&2; }
+die() {
+	log "error: $2"
+	exit "$1"
+}
+
+[[ $# -ge 1 ]] || die 2 "usage: slurm/ray_job.sh JOB.yaml [key=value ...]"
+[[ -n "${SLURM_JOB_ID:-}" ]] || die 2 "not inside a SLURM allocation: submit with sbatch"
+home=${LAUNCHER_HOME:-${SLURM_SUBMIT_DIR:-$PWD}}
+cd "$home"
+spec=$1
+shift
+[[ -f "$spec" ]] || die 2 "job spec not found: $spec (relative paths are resolved in $home)"
+venv=${LAUNCHER_VENV:-$home/.venv}
+if [[ -x "$venv/bin/launcher" ]]; then
+	export PATH="$venv/bin:$PATH"
+fi
+
+# --- the allocation -------------------------------------------------------------------------
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+num_nodes=${#nodes[@]}
+head=${nodes[0]}
+gpus_per_node=${SLURM_GPUS_ON_NODE:-0}
+[[ "$gpus_per_node" =~ ^[0-9]+$ ]] || gpus_per_node=0
+cpus_per_node=${SLURM_CPUS_PER_TASK:-$(nproc)}
+if ((gpus_per_node > 0)); then
+	workers=$((num_nodes * gpus_per_node))
+	use_gpu=true
+else
+	workers=$((num_nodes * ${LAUNCHER_WORKERS_PER_NODE:-1}))
+	use_gpu=false
+fi
+restart=${SLURM_RESTART_COUNT:-0}
+
+container=()
+if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
+	container=(--container-image="$CONTAINER_IMAGE" --container-mounts="$home:$home" --container-workdir="$home")
+fi
+step() { srun --overlap --kill-on-bad-exit=0 "${container[@]}" "$@"; }
+
+# --- per-job state: token, ports, stop file (on the shared file system, user-only) ----------
+umask 077
+state=${LAUNCHER_STATE_DIR:-$home/.slurm-state}/$SLURM_JOB_ID
+mkdir -p "$state"
+token="$state/ray_token"
+if [[ ! -s "$token" ]]; then
+	od -An -N32 -tx1 /dev/urandom | tr -d ' \n' >"$token"
+fi
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$token"
+unset RAY_AUTH_TOKEN RAY_ADDRESS
+stop_file="$state/STOP"
+rm -f "$stop_file"
+export LAUNCHER_STOP_FILE="$stop_file"
+
+base=${LAUNCHER_RAY_PORT_BASE:-$((20000 + (SLURM_JOB_ID % 400) * 100))}
+gcs_port=$base
+ray_ports=(
+	--node-manager-port=$((base + 1)) --object-manager-port=$((base + 2))
+	--runtime-env-agent-port=$((base + 3)) --dashboard-agent-grpc-port=$((base + 4))
+	--dashboard-agent-listen-port=$((base + 5)) --metrics-export-port=$((base + 6))
+	--min-worker-port=$((base + 20)) --max-worker-port=$((base + 99))
+)
+head_ports=(--port="$gcs_port" --ray-client-server-port=$((base + 7)) --dashboard-port=$((base + 8)))
+cat >"$state/ports.env" <<EOF
+SLURM_JOB_ID=$SLURM_JOB_ID
+RAY_GCS_PORT=$gcs_port
+RAY_DASHBOARD_PORT=$((base + 8))
+RAY_PORT_RANGE=$base-$((base + 99))
+EOF
+
+# The head's address as the head itself sees it (not the login or batch host's view).
+head_ip=${LAUNCHER_RAY_BIND:-$(step --nodes=1 --ntasks=1 -w "$head" hostname --ip-address | awk '{print $1}')}
+[[ -n "$head_ip" ]] || die 3 "could not find the address of head node $head"
+address="$head_ip:$gcs_port"
+log "job $SLURM_JOB_ID (restart $restart): $num_nodes node(s) [${nodes[*]}], head $head at $address, $workers worker(s)"
+
+# --- start Ray ------------------------------------------------------------------------------
+pids=()
+requeue=0
+# shellcheck disable=SC2317,SC2329  # invoked by the EXIT trap
+cleanup() {
+	local pid waited=0
+	trap - USR1 TERM
+	for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+	for pid in "${pids[@]}"; do
+		while kill -0 "$pid" 2>/dev/null && ((waited < 60)); do
+			sleep 1
+			waited=$((waited + 1))
+		done
+		kill -KILL "$pid" 2>/dev/null || true
+	done
+	wait 2>/dev/null || true
+	# shellcheck disable=SC2016  # expanded on each node
+	step --nodes="$num_nodes" --ntasks="$num_nodes" --ntasks-per-node=1 \
+		bash -c 'rm -rf "/tmp/ray-$SLURM_JOB_ID-$SLURMD_NODENAME"' 2>/dev/null || true
+	log "stopped Ray (pids ${pids[*]})"
+	if ((!requeue)); then
+		rm -rf "$state" # the token dies with the job; a requeued job keeps its state
+	fi
+}
+trap cleanup EXIT
+
+# shellcheck disable=SC2016  # expanded by the bash on each node, not here
+# Each node: its own temp dir (short: Ray's socket paths are length-limited), its CPUs and GPUs.
+node_start='exec ray start --block --disable-usage-stats --temp-dir="/tmp/ray-$SLURM_JOB_ID-$SLURMD_NODENAME" "$@"'
+step --nodes=1 --ntasks=1 -w "$head" bash -c "$node_start" ray-head --head --node-ip-address="$head_ip" \
+	"${head_ports[@]}" "${ray_ports[@]}" --dashboard-host=127.0.0.1 --num-cpus="$cpus_per_node" \
+	--num-gpus="$gpus_per_node" &
+pids+=($!)
+if ((num_nodes > 1)); then
+	others=$((num_nodes - 1))
+	worker_ip=()
+	[[ -n "${LAUNCHER_RAY_BIND:-}" ]] && worker_ip=(--node-ip-address="$LAUNCHER_RAY_BIND")
+	step --nodes="$others" --ntasks="$others" --ntasks-per-node=1 --exclude="$head" bash -c "$node_start" \
+		ray-worker --address="$address" "${ray_ports[@]}" "${worker_ip[@]}" --num-cpus="$cpus_per_node" \
+		--num-gpus="$gpus_per_node" &
+	pids+=($!)
+fi
+
+# Poll until every node has joined (or a start-up step died).
+deadline=$((SECONDS + ${LAUNCHER_JOIN_TIMEOUT:-300}))
+joined=0
+count_nodes='import ray, sys
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+alive = [n for n in ray.nodes() if n["Alive"]]
+for n in alive:
+    print("node", n["NodeManagerHostname"], n["NodeManagerAddress"], file=sys.stderr)
+print(len(alive))'
+while ((SECONDS < deadline)); do
+	for pid in "${pids[@]}"; do
+		kill -0 "$pid" 2>/dev/null || die 3 "a Ray start-up step exited early (see the log above)"
+	done
+	joined=$(timeout 60 srun --overlap "${container[@]}" --nodes=1 --ntasks=1 -w "$head" python3 -c "$count_nodes" \
+		"$address" 2>"$state/nodes.txt" | tail -n 1) || joined=0
+	[[ "$joined" =~ ^[0-9]+$ ]] || joined=0
+	if ((joined >= num_nodes)); then
+		break
+	fi
+	sleep 2
+done
+((joined >= num_nodes)) || die 3 "only $joined of $num_nodes node(s) joined Ray at $address within ${LAUNCHER_JOIN_TIMEOUT:-300}s"
+sed 's/^/launcher-slurm: /' "$state/nodes.txt" >&2
+log "Ray cluster ready: $joined node(s)"
+
+# --- train, turning preemption into checkpoint + requeue -------------------------------------
+# shellcheck disable=SC2317,SC2329  # invoked by the signal traps
+preempt() {
+	log "received $1: asking the run to checkpoint and stop, then requeueing"
+	requeue=1
+	touch "$stop_file"
+}
+trap 'preempt USR1' USR1
+if [[ "${LAUNCHER_REQUEUE_ON_TERM:-0}" == 1 ]]; then
+	trap 'preempt TERM' TERM
+fi
+
+export RAY_ADDRESS="$address"
+step --nodes=1 --ntasks=1 -w "$head" launcher run "$spec" "$@" "cluster.num_workers=$workers" \
+	"cluster.use_gpu=$use_gpu" &
+driver=$!
+rc=0
+while :; do
+	wait "$driver" || rc=$?
+	# A trapped signal interrupts `wait` (status > 128) while the run goes on: wait again.
+	if ((rc > 128)) && kill -0 "$driver" 2>/dev/null; then
+		rc=0
+		continue
+	fi
+	break
+done
+log "launcher run exited with $rc"
+if ((requeue)) && ((rc == 75)); then
+	log "checkpoint written; requeueing job $SLURM_JOB_ID"
+	scontrol requeue "$SLURM_JOB_ID"
+	exit 0
+fi
+exit "$rc"

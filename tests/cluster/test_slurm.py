@@ -1,0 +1,143 @@
+"""Against a real SLURM: munged, slurmctld and two slurmd nodes, each in its own network namespace.
+
+`tests/cluster/local_slurm.sh up` starts the cluster for this module and `down` stops it, even
+when a test fails. Needs root (CI runs as root). Select with `pytest -m cluster`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, read_jsonl
+
+pytestmark = pytest.mark.cluster
+SCRIPT = ROOT / "tests" / "cluster" / "local_slurm.sh"
+DEMO = ROOT / "data" / "demo"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory) -> dict[str, str]:
+    if os.geteuid() != 0:
+        pytest.fail("the SLURM cluster tests need root (network namespaces, slurmd)")
+    state = tmp_path_factory.mktemp("slurm") / "cluster"
+    up = subprocess.run(["bash", str(SCRIPT), "up", str(state)], capture_output=True, text=True, check=False)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"), "RAY_ADDRESS": "", "DS_ACCELERATOR": "cpu",
+               "LAUNCHER_STATE_DIR": str(state.parent / "jobs")}  # fmt: skip
+        yield env
+    finally:
+        subprocess.run(["bash", str(SCRIPT), "down", str(state)], capture_output=True, text=True, check=False)
+
+
+def _sbatch(env: dict[str, str], *args: str) -> int:
+    out = subprocess.run(["sbatch", "--parsable", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip().split(";")[0])
+
+
+def _job(env: dict[str, str], job_id: int) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], env=env, capture_output=True, text=True,
+                         check=False)  # fmt: skip
+    return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
+
+
+def _wait_done(env: dict[str, str], job_ids: list[int], timeout: float = 420) -> dict[int, dict[str, str]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = {job_id: _job(env, job_id) for job_id in job_ids}
+        if all(job.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") for job in jobs.values()):
+            return jobs
+        assert time.monotonic() < deadline, jobs
+        time.sleep(1)
+
+
+def _tiny(out: Path, *extra: str) -> list[str]:
+    """The tiny job (absolute paths: the nodes share this file system), shrunk further."""
+    return ["jobs/debug/tiny.yaml", "--stage", "pretrain", f"output_dir={out}",
+            f"stages.0.data.train={DEMO / 'unlabeled.jsonl'}", f"stages.1.data.train={DEMO / 'train.csv'}",
+            f"stages.1.data.eval={DEMO / 'test.csv'}", *extra]  # fmt: skip
+
+
+def test_two_jobs_at_once_each_on_a_two_node_ray_cluster(slurm, tmp_path) -> None:
+    """Both jobs run at the same time on the same two nodes (own ports, temp dirs and tokens), each
+    with a Ray cluster of two nodes with distinct addresses, and both nodes train."""
+    ids = []
+    for name in ("a", "b"):
+        ids.append(_sbatch(slurm, "-N", "2", "--cpus-per-task=1", f"--output={tmp_path}/{name}-%j.out",
+                           "slurm/pretrain.sh", *_tiny(tmp_path / name, "stages.0.max_steps=6")))  # fmt: skip
+    jobs = _wait_done(slurm, ids)
+    logs = {name: next(tmp_path.glob(f"{name}-*.out")).read_text() for name in ("a", "b")}
+    for (name, log), job in zip(logs.items(), jobs.values(), strict=True):
+        assert job["JobState"] == "COMPLETED", log[-4000:]
+        nodes = re.findall(r"launcher-slurm: node (\S+) (\S+)", log)
+        assert {host for host, _ in nodes} == {"node1", "node2"} and len({ip for _, ip in nodes}) == 2, nodes
+        ranks = set(re.findall(r"stage pretrain: rank (\d)/2 on (node\d)", log))
+        assert {rank for rank, _ in ranks} == {"0", "1"} and {host for _, host in ranks} == {"node1", "node2"}, ranks
+        summary = json.loads((tmp_path / name / "tiny" / "pretrain" / "summary.json").read_text())
+        assert summary["world_size"] == 2 and summary["steps"] == 6
+        assert (tmp_path / name / "tiny" / "pretrain" / "model" / "model.safetensors").is_file()
+    ports = {name: re.search(r"head node1 at [\d.]+:(\d+)", log).group(1) for name, log in logs.items()}
+    assert ports["a"] != ports["b"], ports
+    # They overlapped in time: each started before the other ended.
+    start = {job_id: job["StartTime"] for job_id, job in jobs.items()}
+    end = {job_id: job["EndTime"] for job_id, job in jobs.items()}
+    assert start[ids[0]] < end[ids[1]] and start[ids[1]] < end[ids[0]], (start, end)
+
+
+def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path) -> None:
+    out = tmp_path / "run"
+    job_id = _sbatch(slurm, "-N", "2", "--cpus-per-task=1", f"--output={tmp_path}/job.out", "slurm/pretrain.sh",
+                     *_tiny(out, "stages.0.max_steps=400", "stages.0.checkpoint_every=1000",
+                            "stages.0.eval_every=1000"))  # fmt: skip
+    metrics = out / "tiny" / "pretrain" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert time.monotonic() < deadline and _job(slurm, job_id).get("JobState") in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+    signal = subprocess.run(["scancel", "--signal=USR1", "--batch", str(job_id)], env=slurm, check=False)
+    assert signal.returncode == 0
+    job = _wait_done(slurm, [job_id], timeout=480)[job_id]
+    log = (tmp_path / "job.out").read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log[-4000:]
+    stopped = int(re.search(r"stage pretrain: stopped at step (\d+) after a checkpoint", log).group(1))
+    assert 5 <= stopped < 400
+    assert "restart 1" in log and "requeueing job" in log
+    summary = json.loads((out / "tiny" / "pretrain" / "summary.json").read_text())
+    assert summary["steps"] == 400 and summary["resumed_from_step"] == stopped, "continued from the checkpoint"
+    assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, 401))
+
+
+def test_launcher_slurm_renders_a_script_sbatch_accepts(slurm, tmp_path) -> None:
+    hostile = 'it\'s a "job" $(touch ' + str(tmp_path / "pwned") + ") `id` ;x"
+    rendered = subprocess.run(
+        [str(Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin" / "launcher"), "slurm", "jobs/debug/tiny.yaml",
+         f"cluster.slurm.job_name={hostile}", "cluster.slurm.nodes=2", "cluster.slurm.cpus_per_node=1",
+         "cluster.slurm.time_limit=00:10:00"],
+        cwd=ROOT, env=slurm, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert rendered.returncode == 0, rendered.stderr
+    script = tmp_path / "job.sbatch"
+    script.write_text(rendered.stdout)
+    test_only = subprocess.run(["sbatch", "--test-only", str(script)], env=slurm, capture_output=True, text=True,
+                               check=False)  # fmt: skip
+    assert test_only.returncode == 0 and "node" in test_only.stderr, test_only.stderr
+    held = _sbatch(slurm, "--hold", str(script))
+    try:
+        assert _job(slurm, held)["NumNodes"] in ("2", "2-2")
+        name = subprocess.run(["squeue", "-h", "-j", str(held), "-o", "%j"], env=slurm, capture_output=True,
+                              text=True, check=False).stdout.strip()  # fmt: skip
+        assert name == hostile, "the job name stays a name"
+    finally:
+        subprocess.run(["scancel", str(held)], env=slurm, check=False)
+    assert not (tmp_path / "pwned").exists(), "nothing in the name was executed"
+    shell = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
+    assert shell.returncode == 0, shell.stderr
