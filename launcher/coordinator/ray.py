@@ -82,6 +82,8 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
 
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
+    # Ray Train re-routes print() in workers through its logger, which shows every line twice.
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     address = os.environ.get("RAY_ADDRESS") or spec.cluster.address
     # A joined cluster's auth mode and token come from the environment (RAY_AUTH_MODE,
     # RAY_AUTH_TOKEN_PATH); a private one gets its own token. Ray reads both when it is imported.
@@ -92,7 +94,17 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
         if address:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         else:
-            ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=True)
+            # The dashboard serves the state API that Ray Train's placement-group cleaner polls every
+            # second (without it, a warning each time); it listens on loopback, on a free port.
+            from launcher.worker.context import free_port
+
+            ray.init(
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=free_port(),
+                runtime_env={"env_vars": env},
+                log_to_driver=True,
+            )
         return run_job(spec, local=False, run_stage=run_stage_ray, only=only)
     finally:
         ray.shutdown()
