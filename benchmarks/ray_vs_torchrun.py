@@ -1,11 +1,13 @@
 """Throughput of `launcher run` (2 Ray workers, ZeRO-2) against a raw DeepSpeed loop under torchrun.
 
-Run as: .venv/bin/python benchmarks/ray_vs_torchrun.py [--steps 60] [--warmup 10] [--repeat 1]
+Run as: .venv/bin/python benchmarks/ray_vs_torchrun.py [--steps 100] [--warmup 10] [--repeat 2] [--log-every 10]
 
 Both train the same model, data and batch (benchmarks/pretrain-bench.yaml: the demo's pre-training
 stage) with the same DeepSpeed config on 2 CPU processes of one thread each. Data is prepared once,
 before anything is timed. Printed per run: steady-state tokens/s (steps after --warmup, from the
-rank-0 timestamps of each step) and seconds from command start to the end of the first step; then
+rank-0 timestamps of logged steps: every step for raw, every --log-every for the launcher, whose
+metrics, TensorBoard and console line cost something each time) and seconds from command start to
+the end of the first step (the launcher always logs step 1); then
 the ratio launcher / raw. Runs alternate (raw, launcher, raw, ...) so drifting machine load hits both.
 """
 
@@ -28,6 +30,7 @@ JOB = ROOT / "benchmarks" / "pretrain-bench.yaml"
 def steady_rate(records: list[dict], warmup: int) -> float:
     """Tokens per second over the steps after `warmup` (timestamps of step ends)."""
     after = [r for r in records if r["step"] >= warmup]
+    assert len(after) >= 2, "too few logged steps after warm-up: raise --steps"
     tokens = sum(r["tokens"] for r in after[1:])
     return tokens / (after[-1]["time"] - after[0]["time"])
 
@@ -48,7 +51,7 @@ def run_raw(out: Path, steps: int, env: dict[str, str]) -> tuple[float, list[dic
     return start, records
 
 
-def run_launcher(out: Path, steps: int, env: dict[str, str]) -> tuple[float, list[dict]]:
+def run_launcher(out: Path, steps: int, env: dict[str, str], log_every: int) -> tuple[float, list[dict]]:
     stage = out / "bench" / "pretrain"
     for name in ("metrics.jsonl", "summary.json"):
         (stage / name).unlink(missing_ok=True)
@@ -56,7 +59,8 @@ def run_launcher(out: Path, steps: int, env: dict[str, str]) -> tuple[float, lis
         subprocess.run(["rm", "-rf", str(path)], check=True)
     start = time.time()
     result = subprocess.run(
-        [sys.executable, "-m", "launcher", "run", str(JOB), f"output_dir={out}", f"stages.0.max_steps={steps}"],
+        [sys.executable, "-m", "launcher", "run", str(JOB), f"output_dir={out}", f"stages.0.max_steps={steps}",
+         f"stages.0.log_every={log_every}"],
         cwd=ROOT, env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     if result.returncode != 0:
@@ -66,14 +70,18 @@ def run_launcher(out: Path, steps: int, env: dict[str, str]) -> tuple[float, lis
     for row in rows:  # cumulative train/tokens -> tokens of each step
         records.append({"step": row["step"], "time": row["time"], "tokens": row["train/tokens"] - seen})
         seen = row["train/tokens"]
-    return start, records
+    # The last step's record is written after the stage's final evaluation: not training time.
+    return start, [r for r in records if r["step"] < steps]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument(
+        "--log-every", type=int, default=10, help="launcher's metrics cadence (1: a TensorBoard/console line per step)"
+    )
     args = parser.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     with tempfile.TemporaryDirectory(prefix="launcher-bench-") as tmp:
@@ -82,8 +90,11 @@ def main() -> None:
                        env=env, check=True, capture_output=True)  # fmt: skip
         results: dict[str, list[tuple[float, float]]] = {"raw": [], "launcher": []}
         for _ in range(args.repeat):
-            for name, runner in (("raw", run_raw), ("launcher", run_launcher)):
-                start, records = runner(out, args.steps, env)
+            for name in ("raw", "launcher"):
+                if name == "raw":
+                    start, records = run_raw(out, args.steps, env)
+                else:
+                    start, records = run_launcher(out, args.steps, env, args.log_every)
                 rate = steady_rate(records, args.warmup)
                 first = records[0]["time"] - start
                 results[name].append((rate, first))

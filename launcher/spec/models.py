@@ -204,7 +204,7 @@ class StageSpec(Section):
     max_steps: PositiveInt | None = Field(default=None, description="Optimizer steps; wins over epochs.")
     epochs: float | None = Field(default=None, gt=0.0, description="Passes over the training set (when no max_steps).")
     mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0, description="Masked share of tokens (mlm).")
-    log_every: PositiveInt = Field(default=10, description="Log train metrics every N steps.")
+    log_every: PositiveInt = Field(default=10, description="Log train metrics every N steps (and after step 1).")
     eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: only at the end).")
     eval_max_batches: PositiveInt | None = Field(default=None, description="Cap on eval batches per evaluation.")
     checkpoint_every: int = Field(default=0, ge=0, description="Checkpoint every N steps (0: only at the end).")

@@ -167,7 +167,7 @@ class Loop:
             state.wall_s = wall_before + time.perf_counter() - session_start
             done = state.step == self.plan.steps
             scalars: dict[str, float] = {}
-            if state.step % stage.log_every == 0 or done:
+            if state.step % stage.log_every == 0 or done or state.step == 1:  # step 1: a sign of life
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 rate = window_tokens / elapsed
                 if grad_norm is None:
