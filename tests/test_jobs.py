@@ -31,10 +31,13 @@ def test_job_validates(path: Path) -> None:
 
 
 def test_validate_cli_prints_plan() -> None:
-    result = run_cli("validate", "jobs/demo.yaml", "stages.0.max_steps=20", "cluster.num_workers=2")
+    result = run_cli(
+        "validate", "jobs/demo.yaml", "stages.0.max_steps=20", "cluster.num_workers=2",
+        "stages.0.batch.micro_batch_size=16", "stages.0.batch.global_batch_size=128",
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "stage 0 pretrain" in out and "stage 2 baseline" in out
-    assert "global batch 64 = micro 32 x accumulation 1 x workers 2" in out
+    assert "global batch 128 = micro 16 x accumulation 4 x workers 2" in out  # accumulation derived
     assert "steps 20" in out
     assert "ZeRO-2" in out and "model states per worker" in out
