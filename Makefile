@@ -32,7 +32,7 @@ demo: data
 	RAY_ADDRESS= $(BIN)/launcher run jobs/demo.yaml $(DEMO_ARGS)
 
 test: data
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check .
