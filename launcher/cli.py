@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             claim_job_dir(spec)
             resolve(spec, local)
             return 0
+        from launcher.coordinator.driver import check_precision
+
+        check_precision(spec, local)  # before a private Ray starts
         if local:
             from launcher.coordinator.local import run_local
 

@@ -83,7 +83,7 @@ def ray_head(workdir: Path, num_cpus: int = 2) -> Iterator[RayHead]:
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
         try:  # whatever of its session is left (ours alone: it was started in a new session)

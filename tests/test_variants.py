@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -46,6 +47,40 @@ def test_zero3_bf16_tiny(tmp_path) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "tiny" / "finetune" / "model")
     weights = model.bert.embeddings.word_embeddings.weight
     assert weights.shape == (1000, 32) and weights.abs().sum() > 0, "ZeRO-3 shards were gathered for the export"
+
+
+def test_cpu_offload_trains_like_no_offload(tmp_path) -> None:
+    """ZeRO-Offload (optimizer; ZeRO-3 also parameters) moves state to CPU memory, not the numbers."""
+    runs = {
+        "plain": ["deepspeed.zero_stage=2"],
+        "offload_optimizer": ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"],
+        "offload_all": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"],
+    }
+    losses = {}
+    for name, overrides in runs.items():
+        if name != "plain":  # the same prepared data and tokenizer (a fresh prepare may break vocabulary ties anew)
+            for part in ("job.json", "pretrain/data", "pretrain/tokenizer"):
+                source, target = tmp_path / "plain" / "tiny" / part, tmp_path / name / "tiny" / part
+                target.parent.mkdir(parents=True, exist_ok=True)
+                (shutil.copytree if source.is_dir() else shutil.copy)(source, target)
+        result = run_cli("run", "jobs/debug/tiny.yaml", "--local", "--stage", "pretrain",
+                         f"output_dir={tmp_path / name}", *overrides)  # fmt: skip
+        assert_ok(result)
+        losses[name] = [r["train/loss"] for r in read_jsonl(tmp_path / name / "tiny" / "pretrain" / "metrics.jsonl")]
+    assert losses["plain"][-1] < losses["plain"][0]
+    for name in ("offload_optimizer", "offload_all"):
+        assert losses[name] == pytest.approx(losses["plain"], abs=1e-5), name
+
+
+@pytest.mark.parametrize("local", [True, False])
+def test_fp16_on_cpu_is_refused_before_anything_runs(tmp_path, local) -> None:
+    mode = ["--local"] if local else ["cluster.num_workers=2"]  # Ray mode: refused before a private Ray starts
+    if local and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device, where fp16 is allowed (CI has none)")
+    result = run_cli("run", "jobs/debug/tiny.yaml", *mode, f"output_dir={tmp_path}", "stages.1.precision=fp16")
+    assert result.returncode == 2
+    assert "stages.1.precision: fp16 needs a GPU" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "tiny").exists(), "nothing was prepared or written"
 
 
 def test_minilm_finetune_job_loads_the_real_pretrained_bert(tmp_path) -> None:

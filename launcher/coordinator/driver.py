@@ -103,6 +103,20 @@ def select_stage(spec: JobSpec, only: str | None) -> int | None:
     return names.index(only)
 
 
+def check_precision(spec: JobSpec, local: bool) -> None:
+    """fp16 needs a GPU: refuse it up front where the ranks would run on CPUs (DeepSpeed has no CPU fp16)."""
+    if local:
+        import torch
+
+        on_cpu = not torch.cuda.is_available()
+    else:
+        on_cpu = not spec.cluster.use_gpu
+    for index, stage in enumerate(spec.stages):
+        if stage.precision == "fp16" and on_cpu:
+            where = "this machine has no CUDA device" if local else "cluster.use_gpu is false"
+            raise UserError(f"stages.{index}.precision: fp16 needs a GPU and {where}; use bf16 or fp32")
+
+
 def run_job(spec: JobSpec, local: bool, run_stage: StageRunner, only: str | None = None) -> int:
     """Run every stage in order (or only the stage named `only`) through `run_stage`; returns the exit code."""
     selected = select_stage(spec, only)
