@@ -89,12 +89,13 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "launcher", "prepare", str(JOB), f"output_dir={out}"], cwd=ROOT,
                        env=env, check=True, capture_output=True)  # fmt: skip
         results: dict[str, list[tuple[float, float]]] = {"raw": [], "launcher": []}
+        runners = {
+            "raw": lambda: run_raw(out, args.steps, env),
+            "launcher": lambda: run_launcher(out, args.steps, env, args.log_every),
+        }
         for _ in range(args.repeat):
-            for name in ("raw", "launcher"):
-                if name == "raw":
-                    start, records = run_raw(out, args.steps, env)
-                else:
-                    start, records = run_launcher(out, args.steps, env, args.log_every)
+            for name, runner in runners.items():
+                start, records = runner()
                 rate = steady_rate(records, args.warmup)
                 first = records[0]["time"] - start
                 results[name].append((rate, first))

@@ -40,10 +40,11 @@ def test_zero3_bf16_tiny(tmp_path) -> None:
     from transformers import AutoModelForSequenceClassification
 
     result = run_cli("run", "jobs/debug/tiny.yaml", "--local", f"output_dir={tmp_path}", "deepspeed.zero_stage=3",
-                     "stages.0.precision=bf16", "stages.1.precision=bf16")  # fmt: skip
+                     "stages.0.precision=bf16", "stages.1.precision=bf16", "stages.0.max_steps=20")  # fmt: skip
     assert_ok(result)
-    records = read_jsonl(tmp_path / "tiny" / "pretrain" / "metrics.jsonl")
-    assert records[-1]["train/loss"] < records[0]["train/loss"]
+    losses = [r["train/loss"] for r in read_jsonl(tmp_path / "tiny" / "pretrain" / "metrics.jsonl")]
+    # bf16 step-to-step noise (~0.03) exceeds 8 steps' progress: compare the first and last five steps.
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.03, losses
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "tiny" / "finetune" / "model")
     weights = model.bert.embeddings.word_embeddings.weight
     assert weights.shape == (1000, 32) and weights.abs().sum() > 0, "ZeRO-3 shards were gathered for the export"
