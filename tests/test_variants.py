@@ -53,9 +53,14 @@ def test_zero3_bf16_tiny(tmp_path) -> None:
 def test_cpu_offload_trains_like_no_offload(tmp_path) -> None:
     """ZeRO-Offload (optimizer; ZeRO-3 also parameters) moves state to CPU memory, not the numbers."""
     runs = {
-        "plain": ["deepspeed.zero_stage=2"],
-        "offload_optimizer": ["deepspeed.zero_stage=2", "deepspeed.offload_optimizer=true"],
-        "offload_all": ["deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"],
+        "plain": ["deepspeed.zero_stage=2", "stages.0.max_steps=20"],
+        "offload_optimizer": ["deepspeed.zero_stage=2", "stages.0.max_steps=20", "deepspeed.offload_optimizer=true"],
+        "offload_all": [
+            "deepspeed.zero_stage=3",
+            "stages.0.max_steps=20",
+            "deepspeed.offload_optimizer=true",
+            "deepspeed.offload_param=true",
+        ],
     }
     losses = {}
     for name, overrides in runs.items():
@@ -68,7 +73,7 @@ def test_cpu_offload_trains_like_no_offload(tmp_path) -> None:
                          f"output_dir={tmp_path / name}", *overrides)  # fmt: skip
         assert_ok(result)
         losses[name] = [r["train/loss"] for r in read_jsonl(tmp_path / name / "tiny" / "pretrain" / "metrics.jsonl")]
-    assert losses["plain"][-1] < losses["plain"][0]
+    assert sum(losses["plain"][-5:]) < sum(losses["plain"][:5]), "training moved (8 steps alone are within noise)"
     for name in ("offload_optimizer", "offload_all"):
         assert losses[name] == pytest.approx(losses["plain"], abs=1e-5), name
 
