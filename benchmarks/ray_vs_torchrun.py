@@ -2,13 +2,18 @@
 
 Run as: .venv/bin/python benchmarks/ray_vs_torchrun.py [--steps 100] [--warmup 10] [--repeat 2] [--log-every 10]
 
-Both train the same model, data and batch (benchmarks/pretrain-bench.yaml: the demo's pre-training
+All train the same model, data and batch (benchmarks/pretrain-bench.yaml: the demo's pre-training
 stage) with the same DeepSpeed config on 2 CPU processes of one thread each. Data is prepared once,
-before anything is timed. Printed per run: steady-state tokens/s (steps after --warmup, from the
-rank-0 timestamps of logged steps: every step for raw, every --log-every for the launcher, whose
-metrics, TensorBoard and console line cost something each time) and seconds from command start to
-the end of the first step (the launcher always logs step 1); then
-the ratio launcher / raw. Runs alternate (raw, launcher, raw, ...) so drifting machine load hits both.
+before anything is timed. Three runners, alternating (raw, torchrun, launcher, raw, ...) so drifting
+machine load hits all of them:
+  raw       a minimal DeepSpeed loop under torchrun (benchmarks/raw_deepspeed.py);
+  torchrun  the launcher's per-rank code under torchrun, without Ray (benchmarks/launcher_torchrun.py);
+  launcher  `launcher run`: the same per-rank code in 2 Ray Train workers.
+Printed per run: steady-state tokens/s (steps after --warmup, from the rank-0 timestamps of logged
+steps: every step for raw, every --log-every for the others, whose metrics, TensorBoard and console
+line cost something each time) and seconds from command start to the end of the first step (the
+launcher always logs step 1). Then the ratio launcher / raw (the target), split into the loop's
+share (torchrun / raw) and Ray's (launcher / torchrun).
 """
 
 from __future__ import annotations
@@ -51,12 +56,43 @@ def run_raw(out: Path, steps: int, env: dict[str, str]) -> tuple[float, list[dic
     return start, records
 
 
-def run_launcher(out: Path, steps: int, env: dict[str, str], log_every: int) -> tuple[float, list[dict]]:
+def clean_stage(out: Path) -> Path:
     stage = out / "bench" / "pretrain"
     for name in ("metrics.jsonl", "summary.json"):
         (stage / name).unlink(missing_ok=True)
     for path in (stage / "checkpoints", stage / "model", stage / "tensorboard"):
         subprocess.run(["rm", "-rf", str(path)], check=True)
+    return stage
+
+
+def stage_records(stage: Path, steps: int) -> list[dict]:
+    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    records, seen = [], 0.0
+    for row in rows:  # cumulative train/tokens -> tokens of each step
+        records.append({"step": row["step"], "time": row["time"], "tokens": row["train/tokens"] - seen})
+        seen = row["train/tokens"]
+    # The last step's record is written after the stage's final evaluation: not training time.
+    return [r for r in records if r["step"] < steps]
+
+
+def run_torchrun(out: Path, steps: int, env: dict[str, str], log_every: int) -> tuple[float, list[dict]]:
+    from launcher.worker.context import free_port
+
+    stage = clean_stage(out)
+    start = time.time()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(free_port()), str(ROOT / "benchmarks" / "launcher_torchrun.py"), str(JOB), str(out),
+         str(steps), str(log_every)],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"launcher code under torchrun failed:\n{result.stderr[-4000:]}")
+    return start, stage_records(stage, steps)
+
+
+def run_launcher(out: Path, steps: int, env: dict[str, str], log_every: int) -> tuple[float, list[dict]]:
+    stage = clean_stage(out)
     start = time.time()
     result = subprocess.run(
         [sys.executable, "-m", "launcher", "run", str(JOB), f"output_dir={out}", f"stages.0.max_steps={steps}",
@@ -65,13 +101,7 @@ def run_launcher(out: Path, steps: int, env: dict[str, str], log_every: int) -> 
     )  # fmt: skip
     if result.returncode != 0:
         raise SystemExit(f"launcher run failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
-    records, seen = [], 0.0
-    for row in rows:  # cumulative train/tokens -> tokens of each step
-        records.append({"step": row["step"], "time": row["time"], "tokens": row["train/tokens"] - seen})
-        seen = row["train/tokens"]
-    # The last step's record is written after the stage's final evaluation: not training time.
-    return start, [r for r in records if r["step"] < steps]
+    return start, stage_records(stage, steps)
 
 
 def main() -> None:
@@ -88,11 +118,12 @@ def main() -> None:
         out = Path(tmp)
         subprocess.run([sys.executable, "-m", "launcher", "prepare", str(JOB), f"output_dir={out}"], cwd=ROOT,
                        env=env, check=True, capture_output=True)  # fmt: skip
-        results: dict[str, list[tuple[float, float]]] = {"raw": [], "launcher": []}
         runners = {
             "raw": lambda: run_raw(out, args.steps, env),
+            "torchrun": lambda: run_torchrun(out, args.steps, env, args.log_every),
             "launcher": lambda: run_launcher(out, args.steps, env, args.log_every),
         }
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
         for _ in range(args.repeat):
             for name, runner in runners.items():
                 start, records = runner()
@@ -100,12 +131,13 @@ def main() -> None:
                 first = records[0]["time"] - start
                 results[name].append((rate, first))
                 print(f"{name:<9} steady {rate:9,.0f} tokens/s   first step after {first:5.1f} s", flush=True)
-    raw = statistics.median(r for r, _ in results["raw"])
-    ours = statistics.median(r for r, _ in results["launcher"])
+    rate = {name: statistics.median(r for r, _ in runs) for name, runs in results.items()}
+    first = {name: statistics.median(f for _, f in runs) for name, runs in results.items()}
     print(
-        f"ratio launcher/raw tokens/s: {ours / raw:.3f} (target >= 0.95); first step: raw "
-        f"{statistics.median(f for _, f in results['raw']):.1f} s, launcher "
-        f"{statistics.median(f for _, f in results['launcher']):.1f} s"
+        f"ratio launcher/raw tokens/s: {rate['launcher'] / rate['raw']:.3f} (target >= 0.95) = loop "
+        f"{rate['torchrun'] / rate['raw']:.3f} (torchrun/raw) x Ray {rate['launcher'] / rate['torchrun']:.3f} "
+        f"(launcher/torchrun); first step: raw {first['raw']:.1f} s, torchrun {first['torchrun']:.1f} s, "
+        f"launcher {first['launcher']:.1f} s"
     )
 
 

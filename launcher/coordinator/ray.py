@@ -88,6 +88,11 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
     # A joined cluster's auth mode and token come from the environment (RAY_AUTH_MODE,
     # RAY_AUTH_TOKEN_PATH); a private one gets its own token. Ray reads both when it is imported.
     private = None if address else _private_token()
+    if private is not None:
+        # One machine that this command started: no node can be preempted, so Ray Train's
+        # preemption-watcher actor (polling every 5 s) would only take CPU from the workers.
+        # Ray Train hands this variable from the driver's environment to its controller.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     import ray
 
     try:
