@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -216,10 +217,17 @@ def test_zero3_refuses_a_different_worker_count(tmp_path) -> None:
     args = [*RESHARD_ARGS, "deepspeed.zero_stage=3", f"output_dir={tmp_path}"]
     assert run_cli("run", *args, *PRETRAIN, "--local", env={STOP_AFTER_STEP_ENV: "2"}).returncode == 75
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny" / "pretrain" / "checkpoints").rglob("*")}
-    refused = run_cli("run", *args, *PRETRAIN, "cluster.num_workers=2", env={"RAY_ADDRESS": ""})
+    temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: Ray's socket paths go below it
+    try:
+        env = {"RAY_ADDRESS": "", "TMPDIR": str(temp)}
+        refused = run_cli("run", *args, *PRETRAIN, "cluster.num_workers=2", env=env)
+        left = sorted(p.name for p in temp.iterdir())
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "stages.0:" in refused.stderr and "cluster.num_workers=1" in refused.stderr
     assert "Traceback" not in refused.stderr
+    assert left == [], f"the private Ray's folder (token, sessions, temp files) is removed: {left}"
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny" / "pretrain" / "checkpoints").rglob("*")}
     assert after == before, "the checkpoint is untouched"
 

@@ -1,7 +1,8 @@
 """Ray Train coordinator: each stage is one `TorchTrainer` run of N DeepSpeed workers.
 
 Joins the cluster named by RAY_ADDRESS (or `cluster.address`); with neither, starts a private Ray
-for this command (no dashboard; token auth with a token of its own) and shuts it down afterwards.
+for this command (dashboard on loopback; token auth with a token of its own; sessions, logs and
+temp files in a 0700 folder of its own, kept only when the run fails) and shuts it down afterwards.
 Ray binds that private cluster to the node's routable address, not loopback (it rewrites
 127.0.0.1 itself), hence the token. Each worker calls the same per-rank
 entry as `--local`; checkpoints are reported to Ray (`RunConfig(storage_path=<stage dir>,
@@ -15,10 +16,12 @@ import json
 import os
 import secrets
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from launcher.errors import UserError
 from launcher.spec import layout
 from launcher.spec.load import parse_spec
 from launcher.spec.models import JobSpec
@@ -78,7 +81,7 @@ def run_stage_ray(spec_data: dict[str, Any], index: int, plan_data: dict[str, An
 
 
 def run_ray(spec: JobSpec, only: str | None = None) -> int:
-    from launcher.coordinator.driver import run_job
+    from launcher.coordinator.driver import EXIT_STOPPED, run_job
 
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -87,7 +90,7 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
     address = os.environ.get("RAY_ADDRESS") or spec.cluster.address
     # A joined cluster's auth mode and token come from the environment (RAY_AUTH_MODE,
     # RAY_AUTH_TOKEN_PATH); a private one gets its own token. Ray reads both when it is imported.
-    private = None if address else _private_token()
+    private = None if address else _private_folder()
     if private is not None:
         # One machine that this command started: no node can be preempted, so Ray Train's
         # preemption-watcher actor (polling every 5 s) would only take CPU from the workers.
@@ -95,6 +98,7 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     import ray
 
+    keep_logs = True  # unless the run ends well, or on a user error (nothing of Ray's to look at)
     try:
         if address:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
@@ -109,20 +113,42 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
                 dashboard_port=free_port(),
                 runtime_env={"env_vars": env},
                 log_to_driver=True,
+                _temp_dir=str(private / "ray"),
             )
-        return run_job(spec, local=False, run_stage=run_stage_ray, only=only)
+        code = run_job(spec, local=False, run_stage=run_stage_ray, only=only)
+        keep_logs = code not in (0, EXIT_STOPPED)
+        return code
+    except UserError:
+        keep_logs = False
+        raise
     finally:
         ray.shutdown()
         if private is not None:
-            shutil.rmtree(private, ignore_errors=True)
+            _remove_private(private, keep_logs)
 
 
-def _private_token() -> Path:
-    """Token auth for the private Ray, with a token of its own (never `~/.ray/auth_token`)."""
-    folder = Path(tempfile.mkdtemp(prefix="launcher-ray-"))  # mode 0700
+def _private_folder() -> Path:
+    """A 0700 folder for the private Ray: its token (never `~/.ray/auth_token`), sessions and temp files.
+
+    Ray reads the token variables when it is imported. Processes Ray starts inherit TMPDIR, so
+    what they leave behind (the dashboard's forkserver socket, staged checkpoint shards) goes
+    here too, not into /tmp.
+    """
+    # Ray's sockets live under its temp dir (~70 bytes deeper), and a socket path has at most 107.
+    base = tempfile.gettempdir()
+    folder = Path(tempfile.mkdtemp(prefix="launcher-ray-", dir=base if len(base) <= 20 else "/tmp"))  # noqa: S108 (mkdtemp: unique, 0700)
     token = folder / "token"
     token.touch(mode=0o600)
     token.write_text(secrets.token_hex(32))
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), TMPDIR=str(folder))
     os.environ.pop("RAY_AUTH_TOKEN", None)
     return folder
+
+
+def _remove_private(folder: Path, keep_logs: bool) -> None:
+    """Remove the private Ray's folder; after a failure keep its logs (not the token) and say where."""
+    if keep_logs and (folder / "ray").is_dir():
+        (folder / "token").unlink(missing_ok=True)
+        print(f"Ray's logs of this run: {folder / 'ray' / 'session_latest' / 'logs'}", file=sys.stderr)
+        return
+    shutil.rmtree(folder, ignore_errors=True)
