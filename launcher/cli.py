@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from launcher.coordinator.driver import check_precision
 
-        check_precision(spec, local)  # before a private Ray starts
+        check_precision(spec, local, args.stage)  # before a private Ray starts
         if local:
             from launcher.coordinator.local import run_local
 

@@ -87,6 +87,11 @@ def test_fp16_on_cpu_is_refused_before_anything_runs(tmp_path, local) -> None:
     assert result.returncode == 2
     assert "stages.1.precision: fp16 needs a GPU" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "tiny").exists(), "nothing was prepared or written"
+    if local:  # `--stage NAME` runs only that stage: another stage's fp16 is not in the way
+        other = run_cli("run", "jobs/debug/tiny.yaml", "--local", "--stage", "finetune",
+                        f"output_dir={tmp_path / 'one'}", "stages.0.precision=fp16")  # fmt: skip
+        assert other.returncode == 2 and "fp16" not in other.stderr, other.stderr[-2000:]
+        assert "reads stage 'pretrain', which has not completed" in other.stderr
 
 
 def test_minilm_finetune_job_loads_the_real_pretrained_bert(tmp_path) -> None:

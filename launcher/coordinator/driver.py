@@ -103,8 +103,11 @@ def select_stage(spec: JobSpec, only: str | None) -> int | None:
     return names.index(only)
 
 
-def check_precision(spec: JobSpec, local: bool) -> None:
-    """fp16 needs a GPU: refuse it up front where the ranks would run on CPUs (DeepSpeed has no CPU fp16)."""
+def check_precision(spec: JobSpec, local: bool, only: str | None = None) -> None:
+    """fp16 needs a GPU: refuse it up front where the ranks would run on CPUs (DeepSpeed has no CPU fp16).
+
+    With `only` (`--stage NAME`), only that stage runs, so only its precision matters.
+    """
     if local:
         import torch
 
@@ -112,7 +115,7 @@ def check_precision(spec: JobSpec, local: bool) -> None:
     else:
         on_cpu = not spec.cluster.use_gpu
     for index, stage in enumerate(spec.stages):
-        if stage.precision == "fp16" and on_cpu:
+        if stage.precision == "fp16" and on_cpu and only in (None, stage.name):
             where = "this machine has no CUDA device" if local else "cluster.use_gpu is false"
             raise UserError(f"stages.{index}.precision: fp16 needs a GPU and {where}; use bf16 or fp32")
 
