@@ -64,7 +64,9 @@ def ray_head(workdir: Path, num_cpus: int = 2) -> Iterator[RayHead]:
         f"--metrics-export-port={metrics}",
     ]  # fmt: skip
     with log.open("w") as out:
-        proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        # TMPDIR: what its processes leave behind (the dashboard's forkserver socket) goes with temp_dir.
+        proc = subprocess.Popen(command, env={**env, "TMPDIR": str(temp_dir)}, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{dashboard}"
     try:
         deadline = time.monotonic() + 120
