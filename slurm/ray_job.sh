@@ -130,8 +130,9 @@ cleanup() {
 trap cleanup EXIT
 
 # shellcheck disable=SC2016  # expanded by the bash on each node, not here
-# Each node: its own temp dir (short: Ray's socket paths are length-limited), its CPUs and GPUs.
-node_start='exec ray start --block --disable-usage-stats --temp-dir="/tmp/ray-$SLURM_JOB_ID-$SLURMD_NODENAME" "$@"'
+# Each node: its own temp dir (short: Ray's socket paths are length-limited), its CPUs and GPUs. TMPDIR
+# too, so what Ray's processes leave there (e.g. the dashboard's forkserver socket) goes with that dir.
+node_start='d="/tmp/ray-$SLURM_JOB_ID-$SLURMD_NODENAME"; mkdir -p "$d"; TMPDIR="$d" exec ray start --block --disable-usage-stats --temp-dir="$d" "$@"'
 step --nodes=1 --ntasks=1 -w "$head" bash -c "$node_start" ray-head --head --node-ip-address="$head_ip" \
 	"${head_ports[@]}" "${ray_ports[@]}" --dashboard-host=127.0.0.1 --num-cpus="$cpus_per_node" \
 	--num-gpus="$gpus_per_node" &
