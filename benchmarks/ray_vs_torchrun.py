@@ -116,6 +116,7 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     with tempfile.TemporaryDirectory(prefix="launcher-bench-") as tmp:
         out = Path(tmp)
+        env["TMPDIR"] = tmp  # what torchrun leaves there (torchelastic_* folders) goes with it
         subprocess.run([sys.executable, "-m", "launcher", "prepare", str(JOB), f"output_dir={out}"], cwd=ROOT,
                        env=env, check=True, capture_output=True)  # fmt: skip
         runners = {
