@@ -14,9 +14,9 @@ import sys
 
 import torch
 
-from launcher.data.prepare import prepare_job
+from launcher.coordinator.driver import resolve
 from launcher.spec.load import load_spec
-from launcher.spec.plan import plan_as_dict, plan_job
+from launcher.spec.plan import plan_as_dict
 from launcher.worker.context import RankContext
 from launcher.worker.entry import run_stage
 
@@ -24,8 +24,8 @@ from launcher.worker.entry import run_stage
 def main(job: str, output_dir: str, steps: int, log_every: int) -> None:
     overrides = [f"output_dir={output_dir}", f"stages.0.max_steps={steps}", f"stages.0.log_every={log_every}"]
     spec = load_spec(job, overrides)
-    prepared = prepare_job(spec, log=False, only=spec.stages[0].name)  # cached: reads what `prepare` wrote
-    plan = plan_job(spec, False, {name: info.num_train_samples for name, info in prepared.items()})[0]
+    _, plans = resolve(spec, local=False, log=False, only=spec.stages[0].name)  # reads what `prepare` wrote
+    plan = plans[0]
     torch.distributed.init_process_group("gloo")  # what Ray Train does before calling the worker
     rank = torch.distributed.get_rank()
     context = RankContext(rank, torch.distributed.get_world_size(), int(os.environ["LOCAL_RANK"]), torch.device("cpu"))

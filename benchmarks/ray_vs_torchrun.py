@@ -40,18 +40,23 @@ def steady_rate(records: list[dict], warmup: int) -> float:
     return tokens / (after[-1]["time"] - after[0]["time"])
 
 
-def run_raw(out: Path, steps: int, env: dict[str, str]) -> tuple[float, list[dict]]:
+def torchrun(script: str, args: list[str], env: dict[str, str], what: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 benchmarks/SCRIPT ARGS` on loopback; exits with its stderr if it fails."""
     from launcher.worker.context import free_port
 
-    start = time.time()
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), str(ROOT / "benchmarks" / "raw_deepspeed.py"), str(JOB), str(out),
-         str(steps)],
+         "--master_port", str(free_port()), str(ROOT / "benchmarks" / script), *args],
         cwd=ROOT, env=env, capture_output=True, text=True, check=False,
     )  # fmt: skip
     if result.returncode != 0:
-        raise SystemExit(f"raw DeepSpeed run failed:\n{result.stderr[-4000:]}")
+        raise SystemExit(f"{what} failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+def run_raw(out: Path, steps: int, env: dict[str, str]) -> tuple[float, list[dict]]:
+    start = time.time()
+    result = torchrun("raw_deepspeed.py", [str(JOB), str(out), str(steps)], env, "raw DeepSpeed run")
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{"step"')]
     return start, records
 
@@ -76,18 +81,10 @@ def stage_records(stage: Path, steps: int) -> list[dict]:
 
 
 def run_torchrun(out: Path, steps: int, env: dict[str, str], log_every: int) -> tuple[float, list[dict]]:
-    from launcher.worker.context import free_port
-
     stage = clean_stage(out)
     start = time.time()
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(free_port()), str(ROOT / "benchmarks" / "launcher_torchrun.py"), str(JOB), str(out),
-         str(steps), str(log_every)],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        raise SystemExit(f"launcher code under torchrun failed:\n{result.stderr[-4000:]}")
+    args = [str(JOB), str(out), str(steps), str(log_every)]
+    torchrun("launcher_torchrun.py", args, env, "launcher code under torchrun")
     return start, stage_records(stage, steps)
 
 

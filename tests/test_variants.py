@@ -73,7 +73,7 @@ def test_cpu_offload_trains_like_no_offload(tmp_path) -> None:
                          f"output_dir={tmp_path / name}", *overrides)  # fmt: skip
         assert_ok(result)
         losses[name] = [r["train/loss"] for r in read_jsonl(tmp_path / name / "tiny" / "pretrain" / "metrics.jsonl")]
-    assert sum(losses["plain"][-5:]) < sum(losses["plain"][:5]), "training moved (8 steps alone are within noise)"
+    assert sum(losses["plain"][-5:]) < sum(losses["plain"][:5]), "training moved (first vs last five of 20 steps)"
     for name in ("offload_optimizer", "offload_all"):
         assert losses[name] == pytest.approx(losses["plain"], abs=1e-5), name
 
