@@ -42,7 +42,8 @@ def on(head: RayHead, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def zero_runs(head: RayHead, tmp_path_factory) -> dict[int, Path]:
     """The tiny job with 2 workers under each ZeRO stage (ZeRO-1 with the fault test's bigger model).
-    Every rank traces its samples. ZeRO-1's preparation is copied for the fault test before it runs."""
+    Every rank traces its samples. ZeRO-1's preparation is copied for the fault test before it runs.
+    ZeRO-2 (the demo's setting) runs on a private Ray, as `make demo` does; the others join the head."""
     root = tmp_path_factory.mktemp("zero")
     runs = {}
     for zero in (0, 1, 2, 3):
@@ -51,10 +52,45 @@ def zero_runs(head: RayHead, tmp_path_factory) -> dict[int, Path]:
         if zero == 1:
             assert_ok(run_cli("prepare", *args, f"output_dir={out}"))
             shutil.copytree(out, root / "faulty")
-        result = run_cli("run", *args, *PRETRAIN, f"output_dir={out}",
-                         env=on(head, LAUNCHER_TRACE_SAMPLES=str(out / "trace")))  # fmt: skip
+        trace = {"LAUNCHER_TRACE_SAMPLES": str(out / "trace")}
+        if zero == 2:
+            result = _run_on_private_ray(*args, *PRETRAIN, f"output_dir={out}", env=trace)
+            (out / "console.txt").write_text(result.stdout + result.stderr)
+        else:
+            result = run_cli("run", *args, *PRETRAIN, f"output_dir={out}", env=on(head, **trace))
         assert_ok(result)
     return runs
+
+
+def _run_on_private_ray(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """`launcher run` without RAY_ADDRESS, with a TMPDIR of its own that must be empty afterwards."""
+    temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: Ray's socket paths go below it
+    try:
+        result = run_cli("run", *args, env={"RAY_ADDRESS": "", "TMPDIR": str(temp), **env})
+        left = sorted(p.name for p in temp.iterdir())
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert left == [], f"the private Ray's folder (token, sessions, temp files) is removed: {left}"
+    return result
+
+
+def test_private_ray_runs_without_dashboard_or_placement_group_cleaner(zero_runs) -> None:
+    """The private cluster ends with the command: Ray Train's placement-group cleaner (and the dashboard it
+    polls) would only take CPU from the workers; the run is quiet without them."""
+    from launcher.coordinator.ray import trainer_class
+
+    def callbacks(private: bool) -> set[str]:
+        from ray.train import ScalingConfig
+
+        trainer = trainer_class(private)(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
+        return {type(c).__name__ for c in trainer._create_default_callbacks()}
+
+    assert callbacks(private=True) == callbacks(private=False) - {"PlacementGroupCleanerCallback"}
+    assert "PlacementGroupCleanerCallback" in callbacks(private=False)
+    console = (zero_runs[2] / "console.txt").read_text()
+    assert "stage pretrain of job tiny complete" in console
+    for noise in ("PlacementGroupCleaner", "State API", "dashboard", "Traceback"):
+        assert noise not in console, noise
 
 
 def _consolidated(checkpoint: Path, zero_stage: int) -> dict:
@@ -217,17 +253,10 @@ def test_zero3_refuses_a_different_worker_count(tmp_path) -> None:
     args = [*RESHARD_ARGS, "deepspeed.zero_stage=3", f"output_dir={tmp_path}"]
     assert run_cli("run", *args, *PRETRAIN, "--local", env={STOP_AFTER_STEP_ENV: "2"}).returncode == 75
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny" / "pretrain" / "checkpoints").rglob("*")}
-    temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: Ray's socket paths go below it
-    try:
-        env = {"RAY_ADDRESS": "", "TMPDIR": str(temp)}
-        refused = run_cli("run", *args, *PRETRAIN, "cluster.num_workers=2", env=env)
-        left = sorted(p.name for p in temp.iterdir())
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
+    refused = _run_on_private_ray(*args, *PRETRAIN, "cluster.num_workers=2", env={})
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "stages.0:" in refused.stderr and "cluster.num_workers=1" in refused.stderr
     assert "Traceback" not in refused.stderr
-    assert left == [], f"the private Ray's folder (token, sessions, temp files) is removed: {left}"
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny" / "pretrain" / "checkpoints").rglob("*")}
     assert after == before, "the checkpoint is untouched"
 

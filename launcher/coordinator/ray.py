@@ -1,8 +1,8 @@
 """Ray Train coordinator: each stage is one `TorchTrainer` run of N DeepSpeed workers.
 
 Joins the cluster named by RAY_ADDRESS (or `cluster.address`); with neither, starts a private Ray
-for this command (dashboard on loopback; token auth with a token of its own; sessions, logs and
-temp files in a 0700 folder of its own, kept only when the run fails) and shuts it down afterwards.
+for this command (no dashboard; token auth with a token of its own; sessions, logs and temp files
+in a 0700 folder of its own, kept only when the run fails) and shuts it down afterwards.
 Ray binds that private cluster to the node's routable address, not loopback (it rewrites
 127.0.0.1 itself), hence the token. Each worker calls the same per-rank
 entry as `--local`; checkpoints are reported to Ray (`RunConfig(storage_path=<stage dir>,
@@ -12,6 +12,7 @@ last registered checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -44,16 +45,43 @@ def _train_worker(config: dict[str, Any]) -> None:
     run_stage(spec_data, config["index"], config["plan"], ray_context(spec_data["cluster"]["use_gpu"]))
 
 
-def run_stage_ray(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any]) -> dict[str, Any]:
+def trainer_class(private: bool) -> type:
+    """`TorchTrainer`; on a private cluster, without Ray Train's placement-group cleaner.
+
+    The cleaner is a detached actor that asks the dashboard's state API every second whether the
+    Train controller is still alive, to free its placement group should it die in a long-lived
+    cluster. A private cluster ends with this command, so it would only take CPU (and the
+    dashboard it needs) from the workers. With another Ray layout, Ray's defaults are kept.
+    """
+    from ray.train.torch import TorchTrainer
+
+    if not private:
+        return TorchTrainer
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        return TorchTrainer
+
+    class PrivateClusterTrainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return PrivateClusterTrainer
+
+
+def run_stage_ray(
+    spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], private: bool = False
+) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     spec = parse_spec(spec_data)
     stage, cluster = spec.stages[index], spec.cluster
     resources: dict[str, float] = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = 1
-    trainer = TorchTrainer(
+    trainer = trainer_class(private)(
         _train_worker,
         train_loop_config={"spec": spec_data, "index": index, "plan": plan_data, "cwd": os.getcwd()},
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
@@ -103,19 +131,16 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
         if address:
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         else:
-            # The dashboard serves the state API that Ray Train's placement-group cleaner polls every
-            # second (without it, a warning each time); it listens on loopback, on a free port.
-            from launcher.worker.context import free_port
-
+            # No dashboard: its processes would share the workers' CPUs, and nobody watches a
+            # cluster that lives as long as this command (TensorBoard is the monitor).
             ray.init(
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                dashboard_port=free_port(),
+                include_dashboard=False,
                 runtime_env={"env_vars": env},
                 log_to_driver=True,
                 _temp_dir=str(private / "ray"),
             )
-        code = run_job(spec, local=False, run_stage=run_stage_ray, only=only)
+        stage_runner = functools.partial(run_stage_ray, private=private is not None)
+        code = run_job(spec, local=False, run_stage=stage_runner, only=only)
         keep_logs = code not in (0, EXIT_STOPPED)
         return code
     except UserError:
