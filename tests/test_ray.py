@@ -57,18 +57,6 @@ def zero_runs(head: RayHead, tmp_path_factory) -> dict[int, Path]:
     return runs
 
 
-def _run_on_private_ray(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """`launcher run` without RAY_ADDRESS, with a TMPDIR of its own that must be empty afterwards."""
-    temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: Ray's socket paths go below it
-    try:
-        result = run_cli("run", *args, env={"RAY_ADDRESS": "", "TMPDIR": str(temp), **env})
-        left = sorted(p.name for p in temp.iterdir())
-    finally:
-        shutil.rmtree(temp, ignore_errors=True)
-    assert left == [], f"the private Ray's folder (token, sessions, temp files) is removed: {left}"
-    return result
-
-
 def test_private_ray_trainer_has_no_placement_group_cleaner() -> None:
     """The private cluster ends with the command: Ray Train's placement-group cleaner (and the dashboard it
     polls) would only take CPU from the workers. (The ZeRO-3 refusal test below starts a private Ray.)"""
@@ -244,10 +232,17 @@ def test_zero3_refuses_a_different_worker_count(tmp_path) -> None:
     args = [*RESHARD_ARGS, "deepspeed.zero_stage=3", f"output_dir={tmp_path}"]
     assert run_cli("run", *args, *PRETRAIN, "--local", env={STOP_AFTER_STEP_ENV: "2"}).returncode == 75
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny" / "pretrain" / "checkpoints").rglob("*")}
-    refused = _run_on_private_ray(*args, *PRETRAIN, "cluster.num_workers=2", env={})
+    temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: Ray's socket paths go below it
+    try:
+        env = {"RAY_ADDRESS": "", "TMPDIR": str(temp)}
+        refused = run_cli("run", *args, *PRETRAIN, "cluster.num_workers=2", env=env)
+        left = sorted(p.name for p in temp.iterdir())
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert "stages.0:" in refused.stderr and "cluster.num_workers=1" in refused.stderr
     assert "Traceback" not in refused.stderr
+    assert left == [], f"the private Ray's folder (token, sessions, temp files) is removed: {left}"
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny" / "pretrain" / "checkpoints").rglob("*")}
     assert after == before, "the checkpoint is untouched"
 
