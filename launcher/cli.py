@@ -58,9 +58,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "prepare":
             from launcher.coordinator.driver import claim_job_dir, resolve
+            from launcher.coordinator.ray import cluster_address, prepare_on_cluster
 
+            address = None if local else cluster_address(spec)
+            if address:
+                prepare_on_cluster(spec, address)  # Ray Data tasks across the cluster's nodes
+                return 0
             claim_job_dir(spec)
-            resolve(spec, local)
+            resolve(spec, local)  # worker processes on this machine's cores
             return 0
         from launcher.coordinator.driver import check_precision
 

@@ -100,7 +100,7 @@ def test_bad_input_exits_2_and_overwrites_nothing(tiny_run: Path, tmp_path: Path
     bad = tmp_path / "bad.csv"
     bad.write_bytes(b"text,label\nfine,fresh\n\xfe\xfe,rotten\n")
     cases = [
-        (["stages.1.data.train=" + str(bad)], "not valid UTF-8 at byte offset 22"),
+        (["stages.1.data.train=" + str(bad)], "bad.csv: line 3 (byte offset 22): not valid UTF-8"),
         (["stages.1.data.train=" + str(tmp_path / "nope.csv")], "stages.1.data.train:"),
         (["stages.1.data.labels=[good, bad]"], "label 'fresh' is not in data.labels"),
         (["stages.1.name=other"], "holds another job's run"),

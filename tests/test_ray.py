@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, assert_ok, read_jsonl, run_cli
@@ -55,6 +57,29 @@ def zero_runs(head: RayHead, tmp_path_factory) -> dict[int, Path]:
                          env=on(head, LAUNCHER_TRACE_SAMPLES=str(out / "trace")))  # fmt: skip
         assert_ok(result)
     return runs
+
+
+def test_prepare_on_a_cluster_runs_ray_data_tasks_that_match_the_local_result(head: RayHead, tmp_path) -> None:
+    """`launcher prepare` joined to a cluster: one Ray Data task per chunk, each in a worker process writing its own
+    shards; the union is the single-machine result token for token (the same vocabulary: MiniLM's)."""
+    from launcher.data.store import TokenStore
+
+    args = ["prepare", "jobs/debug/tiny.yaml", "cluster.num_workers=2", "stages.0.data.max_train_samples=null",
+            "stages.0.data.max_eval_samples=null", f"stages.0.tokenizer.source={ROOT / 'data/models/all-minilm-l6-v2'}",
+            "stages.1.data.max_train_samples=null"]  # fmt: skip
+    on_ray = run_cli(*args, f"output_dir={tmp_path / 'ray'}", env=on(head))
+    assert_ok(on_ray)
+    tasks = re.search(r"stages.0.data.train: (\d+) task\(s\) in (\d+) process\(es\)", on_ray.stdout)
+    assert tasks and int(tasks[1]) >= 2 and int(tasks[2]) >= 2, on_ray.stdout
+    local = run_cli(*args, f"output_dir={tmp_path / 'local'}", "--local")
+    assert_ok(local)
+    assert "stages.0.data.train: 2 task(s) in 2 process(es)" in local.stdout, "worker processes here too"
+    for stage in ("pretrain", "finetune"):
+        for split in ("train", "eval"):
+            stores = [TokenStore.read(tmp_path / where / "tiny" / stage / "data", split) for where in ("ray", "local")]
+            assert stores[0].num_tokens == stores[1].num_tokens > 0
+            assert np.array_equal(stores[0].tokens(0, stores[0].num_tokens), stores[1].tokens(0, stores[1].num_tokens))
+            assert [s.num_docs for s in stores[0].shards] == [s.num_docs for s in stores[1].shards]
 
 
 def test_private_ray_trainer_has_no_placement_group_cleaner() -> None:

@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from launcher.data.prepare import PreparedStage, prepare_job
+from launcher.data.prepare import JobRunner, PreparedStage, prepare_job, run_jobs_locally
 from launcher.errors import UserError
 from launcher.spec import layout
 from launcher.spec.models import JobSpec
@@ -43,10 +43,13 @@ def claim_job_dir(spec: JobSpec) -> None:
 
 
 def resolve(
-    spec: JobSpec, local: bool, log: bool = True, only: str | None = None
+    spec: JobSpec, local: bool, log: bool = True, only: str | None = None, run_jobs: JobRunner = run_jobs_locally
 ) -> tuple[dict[str, PreparedStage], list[StagePlan]]:
-    """Prepare (cached) every stage's data, or `only` that stage's, then derive each stage's plan."""
-    prepared = prepare_job(spec, log=log, only=only)
+    """Prepare (cached) every stage's data, or `only` that stage's, then derive each stage's plan.
+
+    `run_jobs` runs the preparation tasks: on this machine's cores, or as Ray Data tasks on a cluster.
+    """
+    prepared = prepare_job(spec, log=log, only=only, run_jobs=run_jobs)
     counts = {name: info.num_train_samples for name, info in prepared.items()}
     return prepared, plan_job(spec, local, counts)
 
@@ -120,15 +123,23 @@ def check_precision(spec: JobSpec, local: bool, only: str | None = None) -> None
             raise UserError(f"stages.{index}.precision: fp16 needs a GPU and {where}; use bf16 or fp32")
 
 
-def run_job(spec: JobSpec, local: bool, run_stage: StageRunner, only: str | None = None) -> int:
-    """Run every stage in order (or only the stage named `only`) through `run_stage`; returns the exit code."""
+def run_job(
+    spec: JobSpec,
+    local: bool,
+    run_stage: StageRunner,
+    only: str | None = None,
+    run_jobs: JobRunner = run_jobs_locally,
+) -> int:
+    """Run every stage in order (or only the stage named `only`) through `run_stage`; returns the exit code.
+
+    Data preparation tasks (a cache miss) go through `run_jobs`."""
     selected = select_stage(spec, only)
     claim_job_dir(spec)
     if selected is not None:
         for name in stage_dependencies(spec, selected):
             if not layout.summary_path(spec, name).exists():  # written only when a stage completes
                 raise UserError(f"--stage: {only} reads stage {name!r}, which has not completed; run it first")
-    _, plans = resolve(spec, local, only=only)
+    _, plans = resolve(spec, local, only=only, run_jobs=run_jobs)
     spec_data = spec.model_dump(mode="json")
     summaries = []
     for index, plan in enumerate(plans):

@@ -108,14 +108,36 @@ def run_stage_ray(
     return {"stage": stage.name, "steps": 0 if latest is None else read_meta(latest)["step"], "stopped": True}
 
 
+def cluster_address(spec: JobSpec) -> str | None:
+    """The Ray cluster this command joins: RAY_ADDRESS wins over `cluster.address`; None starts a private one."""
+    return os.environ.get("RAY_ADDRESS") or spec.cluster.address
+
+
+def prepare_on_cluster(spec: JobSpec, address: str) -> None:
+    """`launcher prepare` on a Ray cluster: every stage's preparation tasks run as Ray Data tasks there."""
+    import ray
+
+    from launcher.coordinator.driver import claim_job_dir, resolve
+    from launcher.data.prepare import run_jobs_on_ray
+
+    claim_job_dir(spec)
+    env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
+    ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    try:
+        resolve(spec, local=False, run_jobs=run_jobs_on_ray)
+    finally:
+        ray.shutdown()
+
+
 def run_ray(spec: JobSpec, only: str | None = None) -> int:
     from launcher.coordinator.driver import EXIT_STOPPED, run_job
+    from launcher.data.prepare import run_jobs_locally, run_jobs_on_ray
 
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
     # Ray Train re-routes print() in workers through its logger, which shows every line twice.
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
-    address = os.environ.get("RAY_ADDRESS") or spec.cluster.address
+    address = cluster_address(spec)
     # A joined cluster's auth mode and token come from the environment (RAY_AUTH_MODE,
     # RAY_AUTH_TOKEN_PATH); a private one gets its own token. Ray reads both when it is imported.
     private = None if address else _private_folder()
@@ -140,7 +162,10 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
                 _temp_dir=str(private / "ray"),
             )
         stage_runner = functools.partial(run_stage_ray, private=private is not None)
-        code = run_job(spec, local=False, run_stage=stage_runner, only=only)
+        # On a cluster, data preparation fans out as Ray Data tasks over its nodes; a private
+        # Ray is this one machine, where worker processes do the same with less start-up.
+        run_jobs = run_jobs_on_ray if address else run_jobs_locally
+        code = run_job(spec, local=False, run_stage=stage_runner, only=only, run_jobs=run_jobs)
         keep_logs = code not in (0, EXIT_STOPPED)
         return code
     except UserError:

@@ -1,29 +1,44 @@
-"""Tokenize and pack a stage's data once; later runs reuse it while the inputs are unchanged.
+"""Tokenize and pack a stage's data once, streaming; later runs reuse it while the inputs are unchanged.
 
 Run as: launcher prepare JOB.yaml   (`launcher run` calls it for stages not prepared yet)
 
-Writes `<stage>/tokenizer/` and `<stage>/data/{train,eval}.*.npy` plus `data/meta.json`, whose
-fingerprint covers the input files (path, size, mtime), the data and tokenizer settings and the
-tokenizer it started from.
+The corpus is cut into chunks (`corpus.plan_chunks`); each chunk is one task that tokenizes it in
+batches and writes its own shard (`shard_task`). Tasks run on this machine's cores (worker
+processes), or as Ray Data tasks across the cluster when the command joined one; the shards and
+their order are the same either way. Memory stays bounded by a batch per task, whatever the corpus
+size. The vocabulary, when trained, streams over (a bounded sample of) the training documents.
+
+Everything is written into a temporary folder next to `<stage>/data/` and renamed into place
+last, with `meta.json` inside: a killed or failed prepare leaves the previous data or none, never
+half of it. `meta.json`'s fingerprint covers the input files (path, size, mtime), the data and
+tokenizer settings and the tokenizer the stage starts from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
+import os
 import shutil
-from dataclasses import dataclass
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from launcher.data.corpus import Documents, read_documents, resolve_files
-from launcher.data.store import BlockDataset, TokenStore, block_prefix, pack_stream
+from launcher import atomic
+from launcher.data.corpus import CHUNK_BYTES, Chunk, Fields, plan_chunks, resolve_files
+from launcher.data.shard_task import ShardJob, run_shard_job, split_documents, tokenizer_threads
+from launcher.data.store import META_FILE, BlockDataset, ShardInfo, TokenStore, block_prefix, token_dtype
 from launcher.data.tokenizer import load_tokenizer, separator_id, train_tokenizer
 from launcher.errors import UserError
 from launcher.spec import layout
 from launcher.spec.models import JobSpec, StageSpec
 
-META_VERSION = 2  # 2: mlm blocks start with [CLS]
+META_VERSION = 3  # 3: sharded streams in the smallest dtype, documents split by a hash of their text
+MIN_CHUNK_BYTES = 4 << 20
+
+JobRunner = Callable[[list[ShardJob]], list[dict]]
 
 
 @dataclass(frozen=True)
@@ -72,92 +87,232 @@ def fingerprint(spec: JobSpec, stage: StageSpec) -> str:
 
 
 def read_meta(spec: JobSpec, stage: StageSpec) -> dict | None:
-    path = layout.data_dir(spec, stage.name) / "meta.json"
-    return json.loads(path.read_text()) if path.exists() else None
+    meta = atomic.read_json(layout.data_dir(spec, stage.name) / META_FILE)
+    return meta if isinstance(meta, dict) and "fingerprint" in meta else None
 
 
-def _split(docs: Documents, fraction: float, seed: int) -> tuple[Documents, Documents]:
-    order = list(range(len(docs.texts)))
-    random.Random(seed).shuffle(order)
-    num_eval = max(1, round(fraction * len(order)))
-    if num_eval >= len(order):
-        raise UserError(f"data.eval_fraction: {fraction} leaves no training documents out of {len(order)}")
+def run_jobs_locally(jobs: list[ShardJob]) -> list[dict]:
+    """One job runs here with the tokenizer's threads; more run in worker processes, one per core."""
+    workers = min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1 or any(job.limits for job in jobs):
+        return list(_serial(jobs))
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    def take(indices: list[int]) -> Documents:
-        labels = None if docs.labels is None else [docs.labels[i] for i in indices]
-        return Documents([docs.texts[i] for i in indices], labels)
-
-    return take(sorted(order[num_eval:])), take(sorted(order[:num_eval]))
-
-
-def _cap(docs: Documents, limit: int | None) -> Documents:
-    if limit is None:
-        return docs
-    return Documents(docs.texts[:limit], None if docs.labels is None else docs.labels[:limit])
+    # spawn: a fork would copy this process's tokenizer threads (and Ray's, when it runs).
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
+    ) as pool:
+        return list(pool.map(run_shard_job, jobs))
 
 
-def prepare_stage(spec: JobSpec, index: int) -> PreparedStage:
+def _die_with_parent(parent: int) -> None:
+    """A worker of a prepare that is killed (SIGKILL, OOM) ends too, instead of writing on unseen."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1  # from linux/prctl.h
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the worker ends when its task queue closes
+        pass
+    if os.getppid() != parent:  # the parent died while this worker was starting
+        os._exit(1)
+
+
+def _serial(jobs: list[ShardJob]) -> Iterator[dict]:
+    """In order, in this process; caps on document counts carry from one chunk to the next."""
+    remaining = dict(jobs[0].limits) if jobs else {}
+    for job in jobs:
+        possible = [job.split] if job.split else ["train", "eval"]
+        if remaining and all(remaining.get(split) == 0 for split in possible):
+            continue
+        result = run_shard_job(replace(job, limits=dict(remaining), threads=True))
+        yield result
+        if "error" in result:
+            return
+        for split, entry in result["splits"].items():
+            if split in remaining:
+                remaining[split] -= entry["num_docs"]
+
+
+def run_jobs_on_ray(jobs: list[ShardJob]) -> list[dict]:
+    """One Ray Data task per chunk, anywhere in the cluster; each writes its shard to the shared folder."""
+    if any(job.limits for job in jobs):
+        return run_jobs_locally(jobs)  # capped samples: a small, ordered read
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    dataset = ray.data.from_items([{"job": job.to_json()} for job in jobs], override_num_blocks=len(jobs))
+    from launcher.data.shard_task import ray_task
+
+    rows = dataset.map(ray_task, num_cpus=1).take_all()
+    return sorted((json.loads(row["result"]) for row in rows), key=lambda result: result["shard"])
+
+
+def _chunk_bytes(files: list[Path]) -> int:
+    """Chunks small enough that every core gets some work, large enough to amortise a task's start."""
+    total = sum(path.stat().st_size for path in files)
+    return max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, total // (2 * (os.cpu_count() or 1)) + 1))
+
+
+def _train_texts(chunks: list[Chunk], fields: Fields, stage: StageSpec, seed: int, split: str | None) -> Iterator[str]:
+    """Training documents in corpus order, up to the tokenizer's document and byte budgets."""
+    limit = min(x for x in (stage.tokenizer.max_train_docs, stage.data.max_train_samples, sys.maxsize) if x)
+    budget = stage.tokenizer.max_train_bytes
+    count = 0
+    for chunk in chunks:
+        probe = ShardJob(chunk, 0, "", "", fields, True, 0, None, "uint16", split, stage.data.eval_fraction, seed)
+        for name, text, _ in split_documents(probe):
+            if name != "train":
+                continue
+            yield text
+            count += 1
+            budget -= len(text)
+            if count >= limit or budget <= 0:
+                return
+
+
+def _build_tokenizer(spec: JobSpec, index: int, chunks: list[Chunk], fields: Fields, split: str | None, out: Path):  # noqa: ANN202
+    stage = spec.stages[index]
+    origin = _tokenizer_origin(spec, stage)
+    if origin is None:
+        texts = _train_texts(chunks, fields, stage, spec.seed, split)
+        with tokenizer_threads(True):
+            return train_tokenizer(
+                texts, stage.model.family, stage.tokenizer.vocab_size, stage.tokenizer.lowercase, out
+            )
+    tok = load_tokenizer(origin, f"stages.{index}.tokenizer.source")
+    tok.save_pretrained(str(out))
+    return tok
+
+
+def _assemble(results: list[dict], chunks: list[Chunk], field: str) -> dict[str, list[ShardInfo]]:
+    """Shards per split in corpus order; files without text are named, a corpus without any is refused."""
+    processes = sorted({result.get("process", "?") for result in results})
+    hosts = {process.split(":")[0] for process in processes}
+    print(f"{field}: {len(results)} task(s) in {len(processes)} process(es) on {len(hosts)} host(s)", flush=True)
+    docs_per_file: dict[str, int] = {}
+    splits: dict[str, list[ShardInfo]] = {"train": [], "eval": []}
+    for result in results:
+        if "error" in result:
+            raise UserError(result["error"])
+        docs_per_file[result["path"]] = docs_per_file.get(result["path"], 0)
+        for split in ("train", "eval"):
+            if split in result["splits"]:
+                shard = ShardInfo(**result["splits"][split])
+                docs_per_file[result["path"]] += shard.num_docs
+                if shard.num_docs:
+                    splits[split].append(shard)
+    paths = list(dict.fromkeys(chunk.path for chunk in chunks))
+    empty = [path for path in paths if docs_per_file.get(path, 0) == 0]
+    if len(empty) == len(paths):
+        raise UserError(f"{field}: the corpus is empty (no non-blank text in {', '.join(paths)})")
+    for path in empty:
+        print(f"warning: {field}: {path} holds no non-blank text; skipped", file=sys.stderr, flush=True)
+    return splits
+
+
+def prepare_stage(spec: JobSpec, index: int, run_jobs: JobRunner = run_jobs_locally) -> PreparedStage:
     """Prepare one stage (earlier stages whose tokenizer it reuses must be prepared first)."""
     stage = spec.stages[index]
     out = layout.data_dir(spec, stage.name)
     key = fingerprint(spec, stage)
+    for stale in out.parent.glob(".data-*"):  # left by a prepare that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     meta = read_meta(spec, stage)
     if meta is not None and meta["fingerprint"] == key:
         return PreparedStage(**meta["prepared"])
-
-    data = stage.data
-    classify = stage.task == "classification"
-    field = f"stages.{index}.data"
-    label_args = {"label_field": data.label_field, "labels": data.labels} if classify else {}
-    train = read_documents(data.train, f"{field}.train", data.text_field, **label_args)
-    if data.eval:
-        evaluation = read_documents(data.eval, f"{field}.eval", data.text_field, **label_args)
-    else:
-        train, evaluation = _split(train, data.eval_fraction, spec.seed)
-    train, evaluation = _cap(train, data.max_train_samples), _cap(evaluation, data.max_eval_samples)
-
-    tok_dir = layout.tokenizer_dir(spec, stage.name)
-    origin = _tokenizer_origin(spec, stage)
-    if origin is None:
-        texts = train.texts[: stage.tokenizer.max_train_docs]
-        tok = train_tokenizer(texts, stage.model.family, stage.tokenizer.vocab_size, stage.tokenizer.lowercase, tok_dir)
-    else:
-        tok = load_tokenizer(origin, f"stages.{index}.tokenizer.source")
-        if tok_dir.exists():
-            shutil.rmtree(tok_dir)
-        tok.save_pretrained(str(tok_dir))
-
-    shutil.rmtree(out, ignore_errors=True)
-    if classify:
-        for split, docs in (("train", train), ("eval", evaluation)):
-            ids = tok(docs.texts, truncation=True, max_length=data.seq_len)["input_ids"]
-            TokenStore.write(out, split, ids, docs.labels)
-        num_train, num_eval = len(train.texts), len(evaluation.texts)
-    else:
-        sep = separator_id(tok)
-        for split, docs in (("train", train), ("eval", evaluation)):
-            ids = tok(docs.texts, add_special_tokens=False)["input_ids"]
-            TokenStore.write(out, split, [pack_stream(ids, sep).tolist()], None)
-        prefix = block_prefix(stage.task, tok)
-        num_train = len(BlockDataset(TokenStore.read(out, "train"), data.seq_len, prefix))
-        num_eval = len(BlockDataset(TokenStore.read(out, "eval"), data.seq_len, prefix))
-    prepared = PreparedStage(
-        num_train_samples=num_train,
-        num_eval_samples=num_eval,
-        num_train_tokens=len(TokenStore.read(out, "train").tokens),
-        vocab_size=len(tok),
-    )
-    (out / "meta.json").write_text(json.dumps({"fingerprint": key, "prepared": prepared.__dict__}, indent=1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".data-", dir=out.parent)).resolve()
+    try:
+        prepared = _prepare_into(spec, index, work, run_jobs)
+        meta = {"fingerprint": key, "prepared": prepared.__dict__, **atomic.read_json(work / META_FILE)}
+        atomic.write_json(work / META_FILE, meta)
+        if out.exists():
+            old = out.with_name(f".data-old-{os.getpid()}")
+            out.rename(old)
+            shutil.rmtree(old)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return prepared
 
 
-def prepare_job(spec: JobSpec, log: bool = True, only: str | None = None) -> dict[str, PreparedStage]:
+def _prepare_into(spec: JobSpec, index: int, work: Path, run_jobs: JobRunner) -> PreparedStage:
+    stage, data = spec.stages[index], spec.stages[index].data
+    classify = stage.task == "classification"
+    field = f"stages.{index}.data"
+    fields = Fields(
+        text=data.text_field,
+        label=data.label_field if classify else None,
+        labels=tuple(data.labels) if classify else (),
+        max_document_bytes=data.max_document_bytes,
+    )
+    train_files = resolve_files(data.train, f"{field}.train")
+    eval_files = resolve_files(data.eval, f"{field}.eval")
+    size = _chunk_bytes(train_files + eval_files)
+    train_chunks = plan_chunks([p.resolve() for p in train_files], f"{field}.train", size)
+    eval_chunks = plan_chunks([p.resolve() for p in eval_files], f"{field}.eval", size)
+    auto_split = None if not eval_chunks else "train"
+
+    tok = _build_tokenizer(spec, index, train_chunks, fields, auto_split, work / "tokenizer")
+    dtype = token_dtype(len(tok)).name
+    # Capped document counts: tasks then run in order and stop once every cap is reached.
+    caps = {"train": data.max_train_samples, "eval": data.max_eval_samples}
+    limits = {split: cap for split, cap in caps.items() if cap is not None}
+
+    tokenizer_file = str(work / "tokenizer" / "tokenizer.json")
+    separator = None if classify else separator_id(tok)
+
+    def jobs_for(chunks: list[Chunk], split: str | None, first: int) -> list[ShardJob]:
+        own = {s: n for s, n in limits.items() if split is None or s == split}
+        return [
+            ShardJob(
+                chunk=chunk, shard=first + k, out_dir=str(work), tokenizer_file=tokenizer_file, fields=fields,
+                pack=not classify, seq_len=data.seq_len, separator=separator, dtype=dtype, split=split,
+                eval_fraction=data.eval_fraction, seed=spec.seed, limits=own,
+            )
+            for k, chunk in enumerate(chunks)
+        ]  # fmt: skip
+
+    if eval_chunks:
+        results = run_jobs(jobs_for(train_chunks, "train", 0))
+        splits = _assemble(results, train_chunks, f"{field}.train")
+        results = run_jobs(jobs_for(eval_chunks, "eval", len(train_chunks)))
+        splits["eval"] = _assemble(results, eval_chunks, f"{field}.eval")["eval"]
+    else:
+        splits = _assemble(run_jobs(jobs_for(train_chunks, None, 0)), train_chunks, f"{field}.train")
+        for split in ("train", "eval"):
+            if not splits[split]:
+                raise UserError(
+                    f"{field}.eval_fraction: {data.eval_fraction} leaves no {split} documents; "
+                    f"{'lower' if split == 'train' else 'raise'} it or name data.eval files"
+                )
+    atomic.write_json(
+        work / META_FILE, {"dtype": dtype, "splits": {s: [i.__dict__ for i in v] for s, v in splits.items()}}
+    )
+    train, evaluation = TokenStore.read(work, "train"), TokenStore.read(work, "eval")
+    if classify:
+        num_train, num_eval = train.num_docs, evaluation.num_docs
+    else:
+        prefix = block_prefix(stage.task, tok)
+        num_train = len(BlockDataset(train, data.seq_len, prefix))
+        num_eval = len(BlockDataset(evaluation, data.seq_len, prefix))
+    return PreparedStage(num_train, num_eval, train.num_tokens, len(tok))
+
+
+def prepare_job(
+    spec: JobSpec, log: bool = True, only: str | None = None, run_jobs: JobRunner = run_jobs_locally
+) -> dict[str, PreparedStage]:
     """Prepare every stage (or only the one named `only`) in order; bad data fails before any training."""
     prepared: dict[str, PreparedStage] = {}
     for index, stage in enumerate(spec.stages):
         if only is not None and stage.name != only:
             continue
-        prepared[stage.name] = prepare_stage(spec, index)
+        prepared[stage.name] = prepare_stage(spec, index, run_jobs)
         if log:
             info = prepared[stage.name]
             print(

@@ -1,9 +1,13 @@
 """Which samples each rank sees at each step: a pure function of (seed, step, rank).
 
-Every epoch is a fresh seeded permutation of the dataset; step `s` takes the next global batch of
+Every epoch visits the dataset in a fresh seeded order; step `s` takes the next global batch of
 it and rank `r` takes its contiguous share, split into micro-batches. The last step of an epoch
 wraps around to fill its batch, so the union over ranks covers every sample of the epoch. Resume
 needs only the step number: no batch is replayed and none is skipped.
+
+The order is never materialised: position p of epoch e maps to sample `IndexPermutation(n, (seed,
+e))(p)`, a seeded bijection on [0, n). Memory is O(1) whatever the number of samples, and the
+batch of any step costs the same to compute (resume at step k is O(1), not O(k) or O(n)).
 """
 
 from __future__ import annotations
@@ -11,6 +15,42 @@ from __future__ import annotations
 import numpy as np
 
 from launcher.spec.plan import steps_per_epoch
+
+_ROUNDS = 6
+_MIX = (np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB))
+
+
+class IndexPermutation:
+    """A keyed pseudo-random bijection on [0, n): a balanced Feistel network on the smallest
+    power-of-four domain that holds n, cycle-walked back into range (at most ~4 passes expected)."""
+
+    def __init__(self, n: int, key: tuple[int, ...]) -> None:
+        assert n > 0, "empty domain"
+        bits = max(2, (n - 1).bit_length())
+        self.n, self.half = n, np.uint64((bits + 1) // 2)
+        self.mask = np.uint64((1 << int(self.half)) - 1)
+        self.keys = np.random.default_rng(list(key)).integers(0, 2**63, size=_ROUNDS, dtype=np.uint64)
+
+    def _round(self, right: np.ndarray, key: np.uint64) -> np.ndarray:
+        z = (right ^ key) * _MIX[0]
+        z = (z ^ (z >> np.uint64(30))) * _MIX[1]
+        z = (z ^ (z >> np.uint64(27))) * _MIX[2]
+        return (z ^ (z >> np.uint64(31))) & self.mask
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left, right = x >> self.half, x & self.mask
+        for key in self.keys:
+            left, right = right, left ^ self._round(right, key)
+        return (left << self.half) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            out = self._feistel(np.asarray(positions, dtype=np.uint64))
+            outside = out >= self.n
+            while outside.any():
+                out[outside] = self._feistel(out[outside])
+                outside = out >= self.n
+        return out.astype(np.int64)
 
 
 class StepSampler:
@@ -20,22 +60,19 @@ class StepSampler:
         self.micro, self.accum, self.world, self.rank, self.seed = micro, accum, world, rank, seed
         self.global_batch = micro * accum * world
         self.steps_per_epoch = steps_per_epoch(num_samples, self.global_batch)
-        self._epoch = -1
-        self._order = np.empty(0, dtype=np.int64)
+        self._epoch, self._order = -1, IndexPermutation(num_samples, (seed, 0))
 
-    def _epoch_order(self, epoch: int) -> np.ndarray:
+    def _epoch_order(self, epoch: int) -> IndexPermutation:
         if epoch != self._epoch:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-            reps = -(-self.steps_per_epoch * self.global_batch // self.num_samples)
-            self._order, self._epoch = np.tile(perm, reps), epoch
+            self._order, self._epoch = IndexPermutation(self.num_samples, (self.seed, epoch)), epoch
         return self._order
 
     def micro_batches(self, step: int) -> list[list[int]]:
         """The `accum` micro-batches (sample indices) of this rank at `step` (0-based)."""
         epoch, position = divmod(step, self.steps_per_epoch)
-        order = self._epoch_order(epoch)
         start = position * self.global_batch + self.rank * self.micro * self.accum
-        mine = order[start : start + self.micro * self.accum]
+        positions = np.arange(start, start + self.micro * self.accum) % self.num_samples  # the last step wraps
+        mine = self._epoch_order(epoch)(positions)
         return [mine[m * self.micro : (m + 1) * self.micro].tolist() for m in range(self.accum)]
 
     def epoch_of(self, step: int) -> int:

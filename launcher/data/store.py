@@ -1,72 +1,153 @@
-"""Tokenized data on disk: one flat int32 token stream, document offsets, optional labels.
+"""Tokenized data on disk: per split, shards of flat token arrays with a document index.
 
-Pre-training samples are fixed-length blocks cut from the stream (documents separated by a
-separator token, no token lost or duplicated; only the last block may be short). Fine-tuning
-samples are whole documents, padded per batch by the collator. Arrays are memory-mapped, so every
-rank reads only the samples it is given.
+A shard is what one preparation task wrote: `<split>.<k>.tokens.bin` (raw tokens in the smallest
+unsigned dtype that holds the vocabulary), `<split>.<k>.ends.npy` (int64 end of each document in
+the shard's stream) and, for classification, `<split>.<k>.labels.npy`. `meta.json` lists the
+shards in corpus order; a split's stream is their concatenation. Only the shard list (O(shards))
+is held in memory; tokens and document ends are memory-mapped when read.
+
+Pre-training samples are fixed-length blocks cut from the split's stream (documents separated by
+a separator token, no token lost or duplicated, blocks cross shard boundaries; only the last block
+may be short). Fine-tuning samples are whole documents, padded per batch by the collator.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 
-
-def pack_stream(docs: list[list[int]], separator: int) -> np.ndarray:
-    """Concatenate documents, each followed by `separator`, into one token stream."""
-    total = sum(len(doc) + 1 for doc in docs)
-    stream = np.empty(total, dtype=np.int32)
-    position = 0
-    for doc in docs:
-        stream[position : position + len(doc)] = doc
-        stream[position + len(doc)] = separator
-        position += len(doc) + 1
-    return stream
+META_FILE = "meta.json"
 
 
-def pack_blocks(stream: np.ndarray, seq_len: int) -> list[np.ndarray]:
-    """Cut the stream into consecutive blocks of `seq_len` tokens; the last one keeps the remainder."""
-    return [stream[start : start + seq_len] for start in range(0, len(stream), seq_len)]
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned integer type that holds every token id."""
+    return np.dtype(np.uint16 if vocab_size <= 1 << 16 else np.uint32)
 
 
-@dataclass
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard of a split: its file stem and how many documents and tokens of it are used."""
+
+    name: str
+    num_docs: int
+    num_tokens: int
+
+
+class ShardWriter:
+    """Appends tokenized documents to one shard; nothing but the document ends stays in memory."""
+
+    def __init__(self, directory: Path, name: str, dtype: np.dtype, labelled: bool) -> None:
+        self.directory, self.name, self.dtype = directory, name, dtype
+        self.stream: IO[bytes] = (directory / f"{name}.tokens.bin").open("wb")
+        self.lengths: list[np.ndarray] = []
+        self.labels: list[int] | None = [] if labelled else None
+        self.num_docs = self.num_tokens = 0
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, labels: list[int] | None = None) -> None:
+        """`tokens`: the documents' tokens back to back; `lengths`: each document's token count."""
+        tokens.astype(self.dtype, copy=False).tofile(self.stream)
+        self.lengths.append(lengths.astype(np.int64, copy=False))
+        if self.labels is not None:
+            assert labels is not None and len(labels) == len(lengths), "a label per document"
+            self.labels.extend(labels)
+        self.num_docs += len(lengths)
+        self.num_tokens += len(tokens)
+
+    def close(self) -> ShardInfo:
+        self.stream.close()
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
+        np.save(self.directory / f"{self.name}.ends.npy", np.cumsum(lengths, dtype=np.int64))
+        if self.labels is not None:
+            np.save(self.directory / f"{self.name}.labels.npy", np.asarray(self.labels, dtype=np.int64))
+        return ShardInfo(self.name, self.num_docs, self.num_tokens)
+
+
 class TokenStore:
-    """A split (train or eval) as written by `prepare`."""
+    """A split (train or eval) as written by `prepare`: its shards, read lazily."""
 
-    tokens: np.ndarray
-    offsets: np.ndarray
-    labels: np.ndarray | None
-
-    @classmethod
-    def write(cls, directory: Path, split: str, docs: list[list[int]], labels: list[int] | None) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        lengths = np.fromiter((len(doc) for doc in docs), dtype=np.int64, count=len(docs))
-        offsets = np.zeros(len(docs) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        tokens = np.fromiter((t for doc in docs for t in doc), dtype=np.int32, count=int(offsets[-1]))
-        np.save(directory / f"{split}.tokens.npy", tokens)
-        np.save(directory / f"{split}.offsets.npy", offsets)
-        if labels is not None:
-            np.save(directory / f"{split}.labels.npy", np.asarray(labels, dtype=np.int64))
+    def __init__(self, directory: Path, shards: list[ShardInfo], dtype: np.dtype) -> None:
+        self.directory, self.shards, self.dtype = directory, shards, dtype
+        self.token_starts = np.zeros(len(shards) + 1, dtype=np.int64)
+        np.cumsum([s.num_tokens for s in shards], out=self.token_starts[1:])
+        self.doc_starts = np.zeros(len(shards) + 1, dtype=np.int64)
+        np.cumsum([s.num_docs for s in shards], out=self.doc_starts[1:])
+        self._tokens: dict[int, np.ndarray] = {}
+        self._ends: dict[int, np.ndarray] = {}
+        self._labels: dict[int, np.ndarray] = {}
 
     @classmethod
     def read(cls, directory: Path, split: str) -> TokenStore:
-        labels_path = directory / f"{split}.labels.npy"
-        return cls(
-            tokens=np.load(directory / f"{split}.tokens.npy", mmap_mode="r"),
-            offsets=np.load(directory / f"{split}.offsets.npy"),
-            labels=np.load(labels_path) if labels_path.exists() else None,
-        )
+        meta = json.loads((directory / META_FILE).read_text())
+        shards = [ShardInfo(**entry) for entry in meta["splits"][split]]
+        return cls(directory, shards, np.dtype(meta["dtype"]))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.token_starts[-1])
 
     @property
     def num_docs(self) -> int:
-        return len(self.offsets) - 1
+        return int(self.doc_starts[-1])
+
+    def _shard_tokens(self, k: int) -> np.ndarray:
+        if k not in self._tokens:
+            shard = self.shards[k]
+            self._tokens[k] = np.memmap(
+                self.directory / f"{shard.name}.tokens.bin", dtype=self.dtype, mode="r", shape=(shard.num_tokens,)
+            ) if shard.num_tokens else np.zeros(0, dtype=self.dtype)  # fmt: skip
+        return self._tokens[k]
+
+    def _shard_ends(self, k: int) -> np.ndarray:
+        if k not in self._ends:
+            self._ends[k] = np.load(self.directory / f"{self.shards[k].name}.ends.npy", mmap_mode="r")
+        return self._ends[k]
+
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens [start, stop) of the split's stream, across shard boundaries, as int64."""
+        stop = min(stop, self.num_tokens)
+        parts: list[np.ndarray] = []
+        k = int(np.searchsorted(self.token_starts, start, side="right")) - 1
+        while start < stop:
+            base = int(self.token_starts[k])
+            take = min(stop, int(self.token_starts[k + 1]))
+            parts.append(np.asarray(self._shard_tokens(k)[start - base : take - base], dtype=np.int64))
+            start, k = take, k + 1
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def _locate(self, index: int) -> tuple[int, int]:
+        assert 0 <= index < self.num_docs, f"document {index} out of range"
+        k = int(np.searchsorted(self.doc_starts, index, side="right")) - 1
+        return k, index - int(self.doc_starts[k])
 
     def doc(self, index: int) -> np.ndarray:
-        return np.asarray(self.tokens[self.offsets[index] : self.offsets[index + 1]])
+        k, local = self._locate(index)
+        ends = self._shard_ends(k)
+        start = 0 if local == 0 else int(ends[local - 1])
+        return np.asarray(self._shard_tokens(k)[start : int(ends[local])], dtype=np.int64)
+
+    def label(self, index: int) -> int:
+        k, local = self._locate(index)
+        if k not in self._labels:
+            self._labels[k] = np.load(self.directory / f"{self.shards[k].name}.labels.npy", mmap_mode="r")
+        return int(self._labels[k][local])
+
+    @property
+    def has_labels(self) -> bool:
+        return bool(self.shards) and (self.directory / f"{self.shards[0].name}.labels.npy").exists()
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        """Every label of the split (classification sets are small), or None without labels."""
+        if not self.has_labels:
+            return None
+        return np.array([self.label(i) for i in range(self.num_docs)], dtype=np.int64)
 
 
 class BlockDataset:
@@ -79,17 +160,17 @@ class BlockDataset:
     """
 
     def __init__(self, store: TokenStore, seq_len: int, prefix: int | None = None) -> None:
-        self.stream = store.tokens
+        self.store = store
         self.prefix = prefix
         self.span = seq_len if prefix is None else seq_len - 1
         assert self.span > 0, "seq_len must leave room for the prefix token"
 
     def __len__(self) -> int:
-        return math.ceil(len(self.stream) / self.span)
+        return math.ceil(self.store.num_tokens / self.span)
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         start = index * self.span
-        block = np.asarray(self.stream[start : start + self.span], dtype=np.int64)
+        block = self.store.tokens(start, start + self.span)
         if self.prefix is not None:
             block = np.concatenate([np.array([self.prefix], dtype=np.int64), block])
         return {"input_ids": block}
@@ -104,12 +185,11 @@ class DocumentDataset:
     """Fine-tuning view: sample i is document i (already truncated) with its label."""
 
     def __init__(self, store: TokenStore) -> None:
-        assert store.labels is not None, "classification data was prepared without labels"
+        assert store.has_labels, "classification data was prepared without labels"
         self.store = store
 
     def __len__(self) -> int:
         return self.store.num_docs
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        assert self.store.labels is not None
-        return {"input_ids": self.store.doc(index).astype(np.int64), "label": np.int64(self.store.labels[index])}
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"input_ids": self.store.doc(index), "label": np.int64(self.store.label(index))}

@@ -6,7 +6,8 @@ Saved with `save_pretrained`, so `AutoTokenizer.from_pretrained` reloads it and 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 
 from launcher.errors import UserError
@@ -22,14 +23,16 @@ END_OF_TEXT = "<|endoftext|>"
 BPE_SPECIALS = {"bos_token": END_OF_TEXT, "eos_token": END_OF_TEXT, "unk_token": END_OF_TEXT, "pad_token": "<pad>"}
 
 
-def train_tokenizer(texts: list[str], family: str, vocab_size: int, lowercase: bool, out_dir: Path):  # noqa: ANN201
-    """Train a vocabulary on `texts` and save it under `out_dir`; returns the HF fast tokenizer."""
+def train_tokenizer(texts: Iterable[str], family: str, vocab_size: int, lowercase: bool, out_dir: Path):  # noqa: ANN201
+    """Train a vocabulary on `texts` (streamed: never held at once) and save it under `out_dir`;
+    returns the HF fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     def batches() -> Iterator[list[str]]:
-        for start in range(0, len(texts), 1000):
-            yield texts[start : start + 1000]
+        stream = iter(texts)
+        while batch := list(islice(stream, 1000)):
+            yield batch
 
     if family == "bert":
         specials = list(dict.fromkeys(BERT_SPECIALS.values()))
@@ -38,7 +41,7 @@ def train_tokenizer(texts: list[str], family: str, vocab_size: int, lowercase: b
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
-        tok.train_from_iterator(batches(), trainer=trainer, length=len(texts))
+        tok.train_from_iterator(batches(), trainer=trainer)
         cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]",
@@ -57,7 +60,7 @@ def train_tokenizer(texts: list[str], family: str, vocab_size: int, lowercase: b
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(batches(), trainer=trainer, length=len(texts))
+        tok.train_from_iterator(batches(), trainer=trainer)
         wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, **BPE_SPECIALS)
     out_dir.mkdir(parents=True, exist_ok=True)
     wrapped.save_pretrained(str(out_dir))

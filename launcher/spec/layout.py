@@ -20,12 +20,14 @@ def model_dir(spec: JobSpec, stage_name: str) -> Path:
     return stage_dir(spec, stage_name) / "model"
 
 
-def tokenizer_dir(spec: JobSpec, stage_name: str) -> Path:
-    return stage_dir(spec, stage_name) / "tokenizer"
-
-
 def data_dir(spec: JobSpec, stage_name: str) -> Path:
+    """The prepared data: written whole into a temporary folder, then renamed here."""
     return stage_dir(spec, stage_name) / "data"
+
+
+def tokenizer_dir(spec: JobSpec, stage_name: str) -> Path:
+    """Inside the prepared data, so the tokens and the vocabulary that made them change together."""
+    return data_dir(spec, stage_name) / "tokenizer"
 
 
 def checkpoints_dir(spec: JobSpec, stage_name: str) -> Path:

@@ -118,15 +118,25 @@ class TokenizerSpec(Section):
     max_train_docs: PositiveInt | None = Field(
         default=None, description="Train the vocabulary on at most this many documents (all when unset)."
     )
+    max_train_bytes: PositiveInt = Field(
+        default=200_000_000,
+        description="Train the vocabulary on the first documents up to this many characters (streamed; "
+        "a vocabulary gains little from more, and the trainer's word counts grow with it).",
+    )
 
 
 class DataSpec(Section):
-    """Corpus files read through `datasets`: txt (one document per line), jsonl/json, csv, parquet."""
+    """Corpus files, streamed: txt (one document per line), jsonl/json (one object per line), csv, parquet;
+    each may be compressed (.gz, .bz2, .xz, .zst)."""
 
     train: list[str] = Field(description="Training files or globs (a single string is accepted).")
     eval: list[str] = Field(default_factory=list, description="Evaluation files or globs; empty: split eval_fraction.")
     eval_fraction: float = Field(
-        default=0.05, gt=0.0, lt=1.0, description="Share of train held out for eval when `eval` is empty."
+        default=0.05,
+        gt=0.0,
+        lt=1.0,
+        description="Share of train held out for eval when `eval` is empty: each document is held out when a "
+        "seeded hash of its text falls below it (streamed, order-free; equal texts share a split).",
     )
     text_field: str = Field(default="text", description="Column holding the text (jsonl/csv/parquet).")
     label_field: str = Field(default="label", description="Column holding the label (classification).")
@@ -134,6 +144,11 @@ class DataSpec(Section):
     seq_len: PositiveInt = Field(default=128, description="Tokens per packed block (pre-training) or max length.")
     max_train_samples: PositiveInt | None = Field(default=None, description="Use at most this many train documents.")
     max_eval_samples: PositiveInt | None = Field(default=None, description="Use at most this many eval documents.")
+    max_document_bytes: PositiveInt = Field(
+        default=16 << 20,
+        description="Longest document (line) read, in bytes; a longer one is refused with its file and offset "
+        "(memory per preparation task stays bounded).",
+    )
 
     @field_validator("train", "eval", mode="before")
     @classmethod
