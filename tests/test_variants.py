@@ -11,6 +11,8 @@ import torch
 
 from tests.conftest import assert_ok, read_jsonl, run_cli
 
+pytestmark = pytest.mark.slow  # full training runs of shipped jobs (not in `make test-fast`)
+
 SMALL_CLM = ["stages.0.max_steps=4", "stages.0.model.hidden_size=32", "stages.0.model.num_heads=2",
              "stages.0.model.intermediate_size=64", "stages.0.tokenizer.vocab_size=400",
              "stages.0.data.seq_len=32", "stages.0.data.max_train_samples=200", "stages.0.data.max_eval_samples=20",

@@ -164,8 +164,7 @@ def _train_texts(chunks: list[Chunk], fields: Fields, stage: StageSpec, seed: in
     budget = stage.tokenizer.max_train_bytes
     count = 0
     for chunk in chunks:
-        probe = ShardJob(chunk, 0, "", "", fields, True, 0, None, "uint16", split, stage.data.eval_fraction, seed)
-        for name, text, _ in split_documents(probe):
+        for name, text, _ in split_documents(chunk, fields, split, seed, stage.data.eval_fraction):
             if name != "train":
                 continue
             yield text

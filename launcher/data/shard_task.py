@@ -64,11 +64,12 @@ def in_eval(text: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest, "little") < fraction * 2**64
 
 
-def split_documents(job: ShardJob) -> Iterator[tuple[str, str, int | None]]:
-    """(split, text, label) of the chunk's documents, in order."""
-    for text, label in iter_documents(job.chunk, job.fields):
-        split = job.split or ("eval" if in_eval(text, job.seed, job.eval_fraction) else "train")
-        yield split, text, label
+def split_documents(
+    chunk: Chunk, fields: Fields, split: str | None, seed: int, eval_fraction: float
+) -> Iterator[tuple[str, str, int | None]]:
+    """(split, text, label) of the chunk's documents, in order; `split` None draws each one's by `in_eval`."""
+    for text, label in iter_documents(chunk, fields):
+        yield split or ("eval" if in_eval(text, seed, eval_fraction) else "train"), text, label
 
 
 def _pieces(text: str) -> list[str]:
@@ -92,7 +93,7 @@ class _Encoder:
         from tokenizers import Tokenizer
 
         self.job = job
-        self.tok = Tokenizer.from_file(job.tokenizer_file)
+        self.tok = Tokenizer.from_file(job.tokenizer_file)  # encode_batch_fast: no character offsets (unused)
         self.tok.no_padding()
         if job.pack:
             self.tok.no_truncation()
@@ -105,7 +106,7 @@ class _Encoder:
         if not self.job.pack:
             # 100 characters is WordPiece's longest word, so the kept head still fills seq_len tokens.
             head = self.job.seq_len * 100
-            ids = [e.ids for e in self.tok.encode_batch([t[:head] for t in texts], add_special_tokens=True)]
+            ids = [e.ids for e in self.tok.encode_batch_fast([t[:head] for t in texts], add_special_tokens=True)]
             lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
             return np.fromiter(chain.from_iterable(ids), dtype=self.dtype, count=int(lengths.sum())), lengths
         pieces, owners = [], []
@@ -113,7 +114,7 @@ class _Encoder:
             for piece in _pieces(text) if len(text) > PIECE_CHARS else (text,):
                 pieces.append(piece)
                 owners.append(i)
-        ids = [e.ids for e in self.tok.encode_batch(pieces, add_special_tokens=False)]
+        ids = [e.ids for e in self.tok.encode_batch_fast(pieces, add_special_tokens=False)]
         separator = [self.job.separator]
 
         def with_separators() -> Iterator[list[int]]:
@@ -172,7 +173,7 @@ def _write(job: ShardJob) -> dict[str, dict]:
         tokens, lengths = encoder.encode(texts)
         writers[split].add(tokens, lengths, None if job.fields.label is None else [int(x) for x in labels])  # type: ignore[arg-type]
 
-    for split, text, label in split_documents(job):
+    for split, text, label in split_documents(job.chunk, job.fields, job.split, job.seed, job.eval_fraction):
         if split in remaining:
             if remaining[split] == 0:
                 if all(remaining.get(name) == 0 for name in possible):
