@@ -22,7 +22,7 @@ import pytest
 from launcher.data import prepare as prepare_module
 from launcher.data.sampler import IndexPermutation, StepSampler
 from launcher.data.shard_task import PIECE_CHARS, _pieces, in_eval
-from launcher.data.store import BlockDataset, TokenStore, token_dtype
+from launcher.data.store import BlockDataset, MixtureDataset, TokenStore, token_dtype
 from launcher.data.tokenizer import load_tokenizer, train_tokenizer
 from launcher.errors import UserError
 from launcher.spec import layout
@@ -306,3 +306,72 @@ def test_resume_cost_does_not_grow_with_the_step(monkeypatch) -> None:
         assert len(batch) == 16 and all(0 <= i < 10**12 for i in batch)
         work.append(calls["positions"])
     assert max(work) <= 16 * 8, f"cycle-walking passes stay few: {work}"
+
+
+class Numbered:
+    """A stand-in source: sample i is (source id, i)."""
+
+    def __init__(self, source: int, size: int) -> None:
+        self.source, self.size = source, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        assert 0 <= index < self.size
+        return self.source, index
+
+
+def test_mixture_draws_sources_in_their_weights_over_an_epoch() -> None:
+    sizes, weights = [5000, 300, 20000], [5.0, 3.0, 2.0]  # shares 50% / 30% / 20% of 25,300 samples an epoch
+    mixture = MixtureDataset([Numbered(s, n) for s, n in enumerate(sizes)], weights, seed=3)
+    assert len(mixture) == sum(sizes)
+    assert np.bincount(mixture.slot_source, minlength=3).tolist() == [500, 300, 200], "the pattern is exact"
+    # through the sampler that training uses (shuffled, 2 ranks, wrap-around last step), epoch by epoch
+    samplers = [StepSampler(len(mixture), 16, 2, 2, rank, seed=3) for rank in range(2)]
+    per_epoch = samplers[0].steps_per_epoch
+    drawn: dict[int, list[list[tuple[int, int]]]] = {}
+    for epoch in range(4):
+        view = mixture.for_epoch(epoch)
+        samples = [view[i] for step in range(epoch * per_epoch, (epoch + 1) * per_epoch)
+                   for s in samplers for i in chain.from_iterable(s.micro_batches(step))]  # fmt: skip
+        shares = np.bincount([source for source, _ in samples], minlength=3) / len(samples)
+        assert np.allclose(shares, [0.5, 0.3, 0.2], atol=0.01), shares
+        drawn[epoch] = [[i for source, i in samples if source == s] for s in range(3)]
+    # the over-drawn source (7,590 draws of 300) cycles through all of its samples, each 25 or 26 times
+    counts = np.bincount(drawn[0][1], minlength=300)
+    assert counts.min() >= 25 and counts.max() <= 26 + 1  # +1: the wrap-around step repeats a few
+    # the under-drawn source (5,060 of 20,000 an epoch) moves on: epochs 0 and 1 draw different samples
+    assert len(set(drawn[0][2]) & set(drawn[1][2])) < 0.01 * len(drawn[0][2])
+    assert len(set().union(*(drawn[e][2] for e in range(4)))) == 20000, "four epochs cover it all"
+    # a pure function of (seed, epoch, index)
+    again = MixtureDataset([Numbered(s, n) for s, n in enumerate(sizes)], weights, seed=3)
+    assert [again.for_epoch(2)[i] for i in range(0, 25300, 97)] == [
+        mixture.for_epoch(2)[i] for i in range(0, 25300, 97)
+    ]
+
+
+def test_sources_prepare_separately_and_train(tmp_path, demo_data) -> None:
+    texts = demo_texts(demo_data, 3000)
+    first, second = write_jsonl(tmp_path / "a.jsonl", texts[:2000]), write_jsonl(tmp_path / "b.jsonl", texts[2000:])
+    sources = f"stages.0.data.sources=[{{path: {first}, weight: 3}}, {{path: [{second}], weight: 1}}]"
+    spec = load_spec(TINY, [f"output_dir={tmp_path / 'runs'}", "stages.0.data.train=[]", sources,
+                            "stages.0.data.max_train_samples=null", "stages.0.data.max_eval_samples=null"])  # fmt: skip
+    info = prepare_module.prepare_job(spec, log=False, only="pretrain")["pretrain"]
+    data = layout.data_dir(spec, "pretrain")
+    tok = load_tokenizer(data / "tokenizer")
+    parts = [TokenStore.read(data, "train", source) for source in (0, 1)]
+    for part, source_texts in zip(parts, (texts[:2000], texts[2000:]), strict=True):
+        train = [t for t in source_texts if not in_eval(t, spec.seed, spec.stages[0].data.eval_fraction)]
+        ids = tok(train, add_special_tokens=False)["input_ids"]
+        assert part.tokens(0, part.num_tokens).tolist() == [t for doc in ids for t in [*doc, tok.sep_token_id]]
+    from launcher.tasks import build_task
+
+    dataset = build_task(spec.stages[0], tok).dataset(data, "train", spec.seed)
+    assert isinstance(dataset, MixtureDataset) and dataset.counts.tolist() == [750, 250]
+    assert len(dataset) == info.num_train_samples == sum(len(BlockDataset(p, 32, tok.cls_token_id)) for p in parts)
+    result = run_cli("run", TINY, "--local", "--stage", "pretrain", f"output_dir={tmp_path / 'run'}",
+                     "stages.0.data.train=[]", sources, "stages.0.data.max_train_samples=null",
+                     "stages.0.data.max_eval_samples=null", "stages.0.max_steps=3")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "tiny" / "pretrain" / "summary.json").read_text())["steps"] == 3

@@ -17,6 +17,7 @@ tokenizer settings and the tokenizer the stage starts from.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -25,6 +26,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import numpy as np
 
 from launcher import atomic
 from launcher.data.corpus import CHUNK_BYTES, Chunk, Fields, plan_chunks, resolve_files
@@ -70,7 +73,11 @@ def _file_digest(path: Path) -> str:
 
 def fingerprint(spec: JobSpec, stage: StageSpec) -> str:
     index = spec.stages.index(stage)
-    files = resolve_files(stage.data.train, f"stages.{index}.data.train")
+    files = [
+        path
+        for i, source in enumerate(stage.data.train_sources())
+        for path in resolve_files(source.path, source_field(stage, index, i))
+    ]
     files += resolve_files(stage.data.eval, f"stages.{index}.data.eval")
     origin = _tokenizer_origin(spec, stage)
     record = {
@@ -127,6 +134,7 @@ def _serial(jobs: list[ShardJob]) -> Iterator[dict]:
     for job in jobs:
         possible = [job.split] if job.split else ["train", "eval"]
         if remaining and all(remaining.get(split) == 0 for split in possible):
+            yield {"shard": job.shard, "path": job.chunk.path, "splits": {}, "skipped": True}  # caps reached
             continue
         result = run_shard_job(replace(job, limits=dict(remaining), threads=True))
         yield result
@@ -158,27 +166,48 @@ def _chunk_bytes(files: list[Path]) -> int:
     return max(MIN_CHUNK_BYTES, min(CHUNK_BYTES, total // (2 * (os.cpu_count() or 1)) + 1))
 
 
-def _train_texts(chunks: list[Chunk], fields: Fields, stage: StageSpec, seed: int, split: str | None) -> Iterator[str]:
-    """Training documents in corpus order, up to the tokenizer's document and byte budgets."""
+def _train_texts(
+    source_chunks: list[list[Chunk]],
+    weights: list[float],
+    fields: Fields,
+    stage: StageSpec,
+    seed: int,
+    split: str | None,
+) -> Iterator[str]:
+    """Training documents for the vocabulary, in corpus order: each source up to its weight's share of the
+    tokenizer's byte budget, all of them up to its document budget."""
     limit = min(x for x in (stage.tokenizer.max_train_docs, stage.data.max_train_samples, sys.maxsize) if x)
-    budget = stage.tokenizer.max_train_bytes
     count = 0
-    for chunk in chunks:
-        for name, text, _ in split_documents(chunk, fields, split, seed, stage.data.eval_fraction):
-            if name != "train":
-                continue
-            yield text
-            count += 1
-            budget -= len(text)
-            if count >= limit or budget <= 0:
-                return
+    for chunks, weight in zip(source_chunks, weights, strict=True):
+        budget = stage.tokenizer.max_train_bytes * weight / sum(weights)
+        for chunk in chunks:
+            for name, text, _ in split_documents(chunk, fields, split, seed, stage.data.eval_fraction):
+                if name != "train":
+                    continue
+                yield text
+                count += 1
+                budget -= len(text)
+                if count >= limit:
+                    return
+                if budget <= 0:
+                    break
+            if budget <= 0:
+                break
 
 
-def _build_tokenizer(spec: JobSpec, index: int, chunks: list[Chunk], fields: Fields, split: str | None, out: Path):  # noqa: ANN202
+def _build_tokenizer(  # noqa: ANN202
+    spec: JobSpec,
+    index: int,
+    source_chunks: list[list[Chunk]],
+    weights: list[float],
+    fields: Fields,
+    split: str | None,
+    out: Path,
+):
     stage = spec.stages[index]
     origin = _tokenizer_origin(spec, stage)
     if origin is None:
-        texts = _train_texts(chunks, fields, stage, spec.seed, split)
+        texts = _train_texts(source_chunks, weights, fields, stage, spec.seed, split)
         with tokenizer_threads(True):
             return train_tokenizer(
                 texts, stage.model.family, stage.tokenizer.vocab_size, stage.tokenizer.lowercase, out
@@ -190,7 +219,7 @@ def _build_tokenizer(spec: JobSpec, index: int, chunks: list[Chunk], fields: Fie
 
 def _assemble(results: list[dict], chunks: list[Chunk], field: str) -> dict[str, list[ShardInfo]]:
     """Shards per split in corpus order; files without text are named, a corpus without any is refused."""
-    processes = sorted({result.get("process", "?") for result in results})
+    processes = sorted({result["process"] for result in results if "process" in result})
     hosts = {process.split(":")[0] for process in processes}
     print(f"{field}: {len(results)} task(s) in {len(processes)} process(es) on {len(hosts)} host(s)", flush=True)
     docs_per_file: dict[str, int] = {}
@@ -198,6 +227,8 @@ def _assemble(results: list[dict], chunks: list[Chunk], field: str) -> dict[str,
     for result in results:
         if "error" in result:
             raise UserError(result["error"])
+        if result.get("skipped"):
+            continue
         docs_per_file[result["path"]] = docs_per_file.get(result["path"], 0)
         for split in ("train", "eval"):
             if split in result["splits"]:
@@ -206,7 +237,7 @@ def _assemble(results: list[dict], chunks: list[Chunk], field: str) -> dict[str,
                 if shard.num_docs:
                     splits[split].append(shard)
     paths = list(dict.fromkeys(chunk.path for chunk in chunks))
-    empty = [path for path in paths if docs_per_file.get(path, 0) == 0]
+    empty = [path for path in docs_per_file if docs_per_file[path] == 0]
     if len(empty) == len(paths):
         raise UserError(f"{field}: the corpus is empty (no non-blank text in {', '.join(paths)})")
     for path in empty:
@@ -250,14 +281,19 @@ def _prepare_into(spec: JobSpec, index: int, work: Path, run_jobs: JobRunner) ->
         labels=tuple(data.labels) if classify else (),
         max_document_bytes=data.max_document_bytes,
     )
-    train_files = resolve_files(data.train, f"{field}.train")
+    sources = data.train_sources()
+    names = [source_field(stage, index, i) for i in range(len(sources))]
+    source_files = [resolve_files(src.path, name) for src, name in zip(sources, names, strict=True)]
     eval_files = resolve_files(data.eval, f"{field}.eval")
-    size = _chunk_bytes(train_files + eval_files)
-    train_chunks = plan_chunks([p.resolve() for p in train_files], f"{field}.train", size)
+    size = _chunk_bytes([p for files in source_files for p in files] + eval_files)
+    source_chunks = [
+        plan_chunks([p.resolve() for p in files], name, size) for files, name in zip(source_files, names, strict=True)
+    ]
     eval_chunks = plan_chunks([p.resolve() for p in eval_files], f"{field}.eval", size)
     auto_split = None if not eval_chunks else "train"
 
-    tok = _build_tokenizer(spec, index, train_chunks, fields, auto_split, work / "tokenizer")
+    weights = [src.weight for src in sources]
+    tok = _build_tokenizer(spec, index, source_chunks, weights, fields, auto_split, work / "tokenizer")
     dtype = token_dtype(len(tok)).name
     # Capped document counts: tasks then run in order and stop once every cap is reached.
     caps = {"train": data.max_train_samples, "eval": data.max_eval_samples}
@@ -277,30 +313,51 @@ def _prepare_into(spec: JobSpec, index: int, work: Path, run_jobs: JobRunner) ->
             for k, chunk in enumerate(chunks)
         ]  # fmt: skip
 
+    # Every source's tasks run together (with caps: each source's in turn, capped on its own); results
+    # come back in task order and are split by source again.
+    train_chunks = [chunk for chunks in source_chunks for chunk in chunks]
+    jobs = jobs_for(train_chunks, auto_split, 0)
+    if limits:
+        bounds = itertools.pairwise(np.cumsum([0] + [len(chunks) for chunks in source_chunks]))
+        results = [result for a, b in bounds for result in run_jobs(jobs[a:b])]
+    else:
+        results = run_jobs(jobs)
+    splits: dict[str, list[ShardInfo]] = {"train": [], "eval": []}
+    layout_of_sources = []
+    start = 0
+    for chunks, name, weight in zip(source_chunks, names, weights, strict=True):
+        part = _assemble(results[start : start + len(chunks)], chunks, name)
+        start += len(chunks)
+        splits["train"] += part["train"]
+        splits["eval"] += part["eval"]
+        layout_of_sources.append({"weight": weight, "num_shards": len(part["train"])})
+        if not part["train"]:
+            raise UserError(f"{name}: no training documents (all of them fell into the eval split)")
     if eval_chunks:
-        results = run_jobs(jobs_for(train_chunks, "train", 0))
-        splits = _assemble(results, train_chunks, f"{field}.train")
         results = run_jobs(jobs_for(eval_chunks, "eval", len(train_chunks)))
         splits["eval"] = _assemble(results, eval_chunks, f"{field}.eval")["eval"]
-    else:
-        splits = _assemble(run_jobs(jobs_for(train_chunks, None, 0)), train_chunks, f"{field}.train")
-        for split in ("train", "eval"):
-            if not splits[split]:
-                raise UserError(
-                    f"{field}.eval_fraction: {data.eval_fraction} leaves no {split} documents; "
-                    f"{'lower' if split == 'train' else 'raise'} it or name data.eval files"
-                )
-    atomic.write_json(
-        work / META_FILE, {"dtype": dtype, "splits": {s: [i.__dict__ for i in v] for s, v in splits.items()}}
-    )
+    elif not splits["eval"]:
+        raise UserError(
+            f"{field}.eval_fraction: {data.eval_fraction} leaves no eval documents; raise it or name data.eval files"
+        )
+    shard_lists = {split: [shard.__dict__ for shard in shards] for split, shards in splits.items()}
+    atomic.write_json(work / META_FILE, {"dtype": dtype, "splits": shard_lists, "sources": layout_of_sources})
     train, evaluation = TokenStore.read(work, "train"), TokenStore.read(work, "eval")
     if classify:
         num_train, num_eval = train.num_docs, evaluation.num_docs
     else:
         prefix = block_prefix(stage.task, tok)
-        num_train = len(BlockDataset(train, data.seq_len, prefix))
+        parts = [TokenStore.read(work, "train", source) for source in range(len(sources))]
+        num_train = sum(len(BlockDataset(part, data.seq_len, prefix)) for part in parts)
         num_eval = len(BlockDataset(evaluation, data.seq_len, prefix))
     return PreparedStage(num_train, num_eval, train.num_tokens, len(tok))
+
+
+def source_field(stage: StageSpec, index: int, source: int) -> str:
+    """The spec field that names a training source's files, for messages."""
+    if stage.data.sources:
+        return f"stages.{index}.data.sources.{source}.path"
+    return f"stages.{index}.data.train"
 
 
 def prepare_job(

@@ -81,10 +81,19 @@ class TokenStore:
         self._labels: dict[int, np.ndarray] = {}
 
     @classmethod
-    def read(cls, directory: Path, split: str) -> TokenStore:
+    def read(cls, directory: Path, split: str, source: int | None = None) -> TokenStore:
+        """The split's shards; with `source`, only the training shards of that source of a mixture."""
         meta = json.loads((directory / META_FILE).read_text())
         shards = [ShardInfo(**entry) for entry in meta["splits"][split]]
+        if source is not None:
+            assert split == "train", "sources divide the training split"
+            counts = [entry["num_shards"] for entry in meta["sources"]]
+            shards = shards[sum(counts[:source]) : sum(counts[: source + 1])]
         return cls(directory, shards, np.dtype(meta["dtype"]))
+
+    @staticmethod
+    def source_weights(directory: Path) -> list[float]:
+        return [entry["weight"] for entry in json.loads((directory / META_FILE).read_text())["sources"]]
 
     @property
     def num_tokens(self) -> int:
@@ -168,12 +177,90 @@ class BlockDataset:
     def __len__(self) -> int:
         return math.ceil(self.store.num_tokens / self.span)
 
+    def for_epoch(self, epoch: int) -> BlockDataset:
+        """The samples of `epoch` (the same in every epoch; mixtures differ)."""
+        return self
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         start = index * self.span
         block = self.store.tokens(start, start + self.span)
         if self.prefix is not None:
             block = np.concatenate([np.array([self.prefix], dtype=np.int64), block])
         return {"input_ids": block}
+
+
+class MixtureDataset:
+    """Pre-training samples drawn from several sources in fixed proportions.
+
+    An epoch holds as many samples as the sources together. Virtual sample v of epoch e sits in
+    pattern b = v // PATTERN at slot v % PATTERN; the pattern (the same for every b) gives each
+    source its weight's share of the PATTERN slots, spread evenly (largest deficit first), so any
+    run of samples matches the weights to within a sample per source and pattern. A source's
+    k-th sample over the whole run (epochs included) is sample `k mod n` of that source, through a
+    fresh seeded permutation on each pass over it. Everything is a pure function of (seed, epoch,
+    v): no per-sample table is held, and `StepSampler` shuffles the virtual samples as it would any.
+    """
+
+    PATTERN = 1000
+
+    def __init__(self, parts: list[Any], weights: list[float], seed: int) -> None:
+        assert parts and len(parts) == len(weights) and all(len(part) for part in parts), "non-empty sources"
+        self.parts, self.seed = parts, seed
+        self.num_samples = sum(len(part) for part in parts)
+        counts = _apportion(weights, self.PATTERN)
+        slots = np.zeros(self.PATTERN, dtype=np.int64)
+        ranks = np.zeros(self.PATTERN, dtype=np.int64)
+        taken = np.zeros(len(parts), dtype=np.int64)
+        targets = np.asarray(counts, dtype=np.float64) / self.PATTERN
+        for slot in range(self.PATTERN):
+            source = int(np.argmax(targets * (slot + 1) - taken))
+            slots[slot], ranks[slot] = source, taken[source]
+            taken[source] += 1
+        self.slot_source, self.slot_rank, self.counts = slots, ranks, np.asarray(counts, dtype=np.int64)
+        full, rest = divmod(self.num_samples, self.PATTERN)
+        # samples each source gives per epoch: whole patterns plus the epoch's last, partial one
+        self.per_epoch = full * self.counts + np.bincount(slots[:rest], minlength=len(parts))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def for_epoch(self, epoch: int) -> _MixtureEpoch:
+        return _MixtureEpoch(self, epoch)
+
+    def locate(self, epoch: int, index: int) -> tuple[int, int]:
+        """(source, sample of that source) behind virtual sample `index` of `epoch`."""
+        from launcher.data.sampler import IndexPermutation
+
+        pattern, slot = divmod(index, self.PATTERN)
+        source = int(self.slot_source[slot])
+        k = epoch * int(self.per_epoch[source]) + pattern * int(self.counts[source]) + int(self.slot_rank[slot])
+        size = len(self.parts[source])
+        passes, within = divmod(k, size)
+        return source, int(IndexPermutation(size, (self.seed, source, passes))(np.array([within]))[0])
+
+
+class _MixtureEpoch:
+    def __init__(self, mixture: MixtureDataset, epoch: int) -> None:
+        self.mixture, self.epoch = mixture, epoch
+
+    def __len__(self) -> int:
+        return len(self.mixture)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source, sample = self.mixture.locate(self.epoch, index)
+        return self.mixture.parts[source][sample]
+
+
+def _apportion(weights: list[float], total: int) -> list[int]:
+    """Integer shares of `total` proportional to `weights` (largest remainder), each at least 1."""
+    exact = [w * total / sum(weights) for w in weights]
+    counts = [max(1, int(x)) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
+    for i in by_remainder[: max(0, total - sum(counts))]:
+        counts[i] += 1
+    while sum(counts) > total:
+        counts[counts.index(max(counts))] -= 1
+    return counts
 
 
 def block_prefix(task: str, tokenizer) -> int | None:  # noqa: ANN001
@@ -190,6 +277,9 @@ class DocumentDataset:
 
     def __len__(self) -> int:
         return self.store.num_docs
+
+    def for_epoch(self, epoch: int) -> DocumentDataset:
+        return self
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"input_ids": self.store.doc(index), "label": np.int64(self.store.label(index))}

@@ -125,11 +125,38 @@ class TokenizerSpec(Section):
     )
 
 
+class SourceSpec(Section):
+    """One corpus of a pre-training mixture and its share of the training samples."""
+
+    path: list[str] = Field(description="Files or globs of this source (a single string is accepted).")
+    weight: float = Field(gt=0.0, description="Relative share of training samples drawn from this source.")
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("needs at least one file or glob")
+        return value
+
+
 class DataSpec(Section):
     """Corpus files, streamed: txt (one document per line), jsonl/json (one object per line), csv, parquet;
     each may be compressed (.gz, .bz2, .xz, .zst)."""
 
-    train: list[str] = Field(description="Training files or globs (a single string is accepted).")
+    train: list[str] = Field(
+        default_factory=list, description="Training files or globs (a single string is accepted); or `sources`."
+    )
+    sources: list[SourceSpec] = Field(
+        default_factory=list,
+        description="Pre-training mixture instead of `train`: sources drawn in proportion to their weights "
+        "(each epoch holds as many samples as all sources together; a source with a larger share than its "
+        "size repeats, in a fresh order on each pass; one with a smaller share moves on through its samples).",
+    )
     eval: list[str] = Field(default_factory=list, description="Evaluation files or globs; empty: split eval_fraction.")
     eval_fraction: float = Field(
         default=0.05,
@@ -142,7 +169,9 @@ class DataSpec(Section):
     label_field: str = Field(default="label", description="Column holding the label (classification).")
     labels: list[str] = Field(default_factory=list, description="The label set, in class-id order (classification).")
     seq_len: PositiveInt = Field(default=128, description="Tokens per packed block (pre-training) or max length.")
-    max_train_samples: PositiveInt | None = Field(default=None, description="Use at most this many train documents.")
+    max_train_samples: PositiveInt | None = Field(
+        default=None, description="Use at most this many train documents (the first; per source of a mixture)."
+    )
     max_eval_samples: PositiveInt | None = Field(default=None, description="Use at most this many eval documents.")
     max_document_bytes: PositiveInt = Field(
         default=16 << 20,
@@ -155,12 +184,15 @@ class DataSpec(Section):
     def _one_or_many(cls, value: object) -> object:
         return [value] if isinstance(value, str) else value
 
-    @field_validator("train")
-    @classmethod
-    def _train_not_empty(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("needs at least one file or glob")
-        return value
+    @model_validator(mode="after")
+    def _train_or_sources(self) -> DataSpec:
+        if bool(self.train) == bool(self.sources):
+            raise ValueError("train: give training files in `train` or a mixture in `sources` (one of them)")
+        return self
+
+    def train_sources(self) -> list[SourceSpec]:
+        """The training corpus as a mixture: `train` is one source of weight 1."""
+        return self.sources or [SourceSpec(path=self.train, weight=1.0)]
 
     @field_validator("labels")
     @classmethod
@@ -234,6 +266,8 @@ class StageSpec(Section):
             raise ValueError("data.labels: classification needs at least two labels")
         if self.task == "clm" and self.model.family == "bert":
             raise ValueError("model.family: task clm needs a decoder family (gpt2 or llama), not bert")
+        if self.task == "classification" and self.data.sources:
+            raise ValueError("data.sources: mixtures are for pre-training (mlm, clm); use data.train")
         if self.task == "mlm" and self.model.family != "bert":
             raise ValueError("model.family: task mlm needs the bert family")
         if self.data.seq_len > self.model.max_position_embeddings and self.model.path is None:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.data.store import BlockDataset, DocumentDataset, TokenStore, block_prefix
+from launcher.data.store import BlockDataset, DocumentDataset, MixtureDataset, TokenStore, block_prefix
 from launcher.spec.models import ModelSpec, StageSpec
 
 
@@ -129,9 +129,15 @@ class Task:
         # Auto classes build from a config with `from_config`; a concrete model class is called.
         return auto(config) if issubclass(auto, PreTrainedModel) else auto.from_config(config)
 
-    def dataset(self, data_dir: Path, split: str):  # noqa: ANN201
+    def dataset(self, data_dir: Path, split: str, seed: int = 0):  # noqa: ANN201
+        """Blocks of the split's stream; a `data.sources` mixture's training split draws from each source's own."""
         prefix = block_prefix(self.stage.task, self.tokenizer)
-        return BlockDataset(TokenStore.read(data_dir, split), self.stage.data.seq_len, prefix)
+        seq_len = self.stage.data.seq_len
+        if split == "train" and self.stage.data.sources:
+            weights = TokenStore.source_weights(data_dir)
+            parts = [BlockDataset(TokenStore.read(data_dir, split, s), seq_len, prefix) for s in range(len(weights))]
+            return MixtureDataset(parts, weights, seed)
+        return BlockDataset(TokenStore.read(data_dir, split), seq_len, prefix)
 
     def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -199,7 +205,7 @@ class Classification(Task):
     def num_labels(self) -> int | None:
         return len(self.stage.data.labels)
 
-    def dataset(self, data_dir: Path, split: str) -> DocumentDataset:
+    def dataset(self, data_dir: Path, split: str, seed: int = 0) -> DocumentDataset:
         return DocumentDataset(TokenStore.read(data_dir, split))
 
     def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:

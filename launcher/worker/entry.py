@@ -90,10 +90,12 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
     if state.step == 0:
         writer.text("spec", "```\n" + yaml.safe_dump(spec_data, sort_keys=False) + "```")
         writer.text("deepspeed_config", "```\n" + json.dumps(ds_config, indent=1) + "```")
+    data_dir = layout.data_dir(spec, stage.name)
     loop = Loop(
         engine=engine, task=task, stage=stage, plan=plan, ctx=ctx, writer=writer, stage_dir=stage_dir,
-        checkpoints=checkpoints, seed=spec.seed, train_set=task.dataset(layout.data_dir(spec, stage.name), "train"),
-        eval_set=task.dataset(layout.data_dir(spec, stage.name), "eval"), flops_per_token=fpt, peak_flops=peak,
+        checkpoints=checkpoints, seed=spec.seed,
+        train_set=task.dataset(data_dir, "train", spec.seed), eval_set=task.dataset(data_dir, "eval", spec.seed),
+        flops_per_token=fpt, peak_flops=peak,
         checkpoint_meta=meta,
     )  # fmt: skip
     if state.step < plan.steps:

@@ -150,7 +150,7 @@ class Loop:
                 index = self.ctx.rank * self.plan.grad_accum_steps + micro  # the micro-batch's place in the step
                 torch.manual_seed(step_seed(self.seed, step, index, purpose=0))  # dropout
                 generator = torch.Generator().manual_seed(step_seed(self.seed, step, index, purpose=1))  # masking
-                batch = self._batch(self.train_set, indices, generator)
+                batch = self._batch(self.train_set.for_epoch(sampler.epoch_of(step)), indices, generator)
                 loss = self.engine(**batch).loss
                 self.engine.backward(loss)
                 if micro == self.plan.grad_accum_steps - 1:
