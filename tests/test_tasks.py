@@ -44,3 +44,40 @@ def test_dynamic_padding_pads_to_the_longest_in_batch() -> None:
     ids, mask = _pad([np.array([5, 6, 7]), np.array([8])], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_document_mask_keeps_attention_inside_each_packed_document(tmp_path) -> None:
+    """A block holding two documents gives each the logits it has alone; the second's first token is no target."""
+    from launcher.data.tokenizer import train_tokenizer
+    from launcher.spec.load import load_spec
+    from launcher.tasks import build_task
+    from tests.conftest import ROOT, assert_ok, run_cli
+
+    job = str(ROOT / "jobs" / "pretrain-gpt-clm.yaml")
+    stage = load_spec(job, ["stages.0.data.document_mask=true", "stages.0.model.hidden_size=32"]).stages[0]
+    tok = train_tokenizer(["a few words of text to learn from"] * 50, "llama", 300, False, tmp_path / "tok")
+    task = build_task(stage, tok)
+    sep = tok.eos_token_id
+    first, second = tok("one document here")["input_ids"], tok("and then another one")["input_ids"]
+    block = np.array([*first, sep, *second], dtype=np.int64)
+    short = np.array([*second, sep], dtype=np.int64)  # a shorter block: padded
+    batch = task.collate([{"input_ids": block}, {"input_ids": short}], torch.Generator())
+    n = len(first) + 1
+    assert batch["position_ids"][0].tolist() == [*range(n), *range(len(second))]
+    assert batch["labels"][0, n].item() == -100 and batch["labels"][0, n + 1].item() == block[n + 1]
+    assert task.num_tokens(batch) == len(block) + len(short)
+    torch.manual_seed(0)
+    model = task.build_model(None).eval()
+    with torch.no_grad():
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        alone = model(torch.tensor([[*second]])).logits
+        whole = model(torch.from_numpy(block)[None]).logits
+    assert torch.allclose(packed[0, n:], alone[0], atol=1e-5), "the second document sees only itself"
+    assert not torch.allclose(whole[0, n:], alone[0], atol=1e-3), "without the mask it would see the first"
+    small = ["stages.0.max_steps=2", "stages.0.data.max_train_samples=200", "stages.0.data.max_eval_samples=20",
+             "stages.0.model.hidden_size=32", "stages.0.data.seq_len=32",
+             "stages.0.tokenizer.vocab_size=400"]  # fmt: skip
+    result = run_cli(
+        "run", job, "--local", f"output_dir={tmp_path / 'run'}", "stages.0.data.document_mask=true", *small
+    )
+    assert_ok(result)

@@ -173,6 +173,12 @@ class DataSpec(Section):
         default=None, description="Use at most this many train documents (the first; per source of a mixture)."
     )
     max_eval_samples: PositiveInt | None = Field(default=None, description="Use at most this many eval documents.")
+    document_mask: bool = Field(
+        default=False,
+        description="clm: attention stays within each document packed into a block (block-diagonal causal "
+        "mask, positions restarting per document; the first token of a later document is not a target). Costs "
+        "a batch x seq_len^2 mask per step and the model's masked (not fused causal) attention path.",
+    )
     max_document_bytes: PositiveInt = Field(
         default=16 << 20,
         description="Longest document (line) read, in bytes; a longer one is refused with its file and offset "
@@ -266,6 +272,8 @@ class StageSpec(Section):
             raise ValueError("data.labels: classification needs at least two labels")
         if self.task == "clm" and self.model.family == "bert":
             raise ValueError("model.family: task clm needs a decoder family (gpt2 or llama), not bert")
+        if self.data.document_mask and self.task != "clm":
+            raise ValueError("data.document_mask: only for task clm (packed causal LM blocks)")
         if self.task == "classification" and self.data.sources:
             raise ValueError("data.sources: mixtures are for pre-training (mlm, clm); use data.train")
         if self.task == "mlm" and self.model.family != "bert":

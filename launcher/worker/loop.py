@@ -157,7 +157,7 @@ class Loop:
                     grad_norm = self._grad_norm()
                 self.engine.step()
                 loss_sum += float(loss.detach())
-                tokens += int(batch["attention_mask"].sum())
+                tokens += self.task.num_tokens(batch)
             loss_sum, tokens, stop = self._all_reduce([loss_sum, float(tokens), float(self._stop_requested(step + 1))])
             state.step = step + 1
             state.tokens += int(tokens)
