@@ -193,6 +193,8 @@ def test_bad_inputs_exit_2_naming_the_place_and_overwrite_nothing(tmp_path) -> N
         "notjson.jsonl": (lines[0] + b"{not json\n", r"notjson.jsonl: line 2 \(byte offset \d+\): not a"),
         "nofield.jsonl": (lines[0] + b'{"body": "x"}\n', r"nofield.jsonl: line 2 .*: no field 'text'"),
         "huge.txt": (b"short\n" + b"x " * (1 << 20) + b"\n", r"huge.txt: line 2 .*a document longer than 65536 bytes"),
+        "huge.csv": (b"text\nshort\n" + b"x " * (1 << 20) + b"\n", r"huge.csv: line 3 .*a line longer than 65536"),
+        "bad.csv": (b"text\nshort\nbad \xff\n", r"bad.csv: line 3 \(byte offset 15\): not valid UTF-8"),
     }  # fmt: skip
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)

@@ -237,16 +237,28 @@ def iter_documents(chunk: Chunk, fields: Fields) -> Iterator[tuple[str, int | No
             yield str(text), label
 
 
-def check_utf8(stream: IO[bytes], path: Path, chunk_bytes: int = 1 << 20) -> None:
-    """Raise a UserError naming the byte offset of the first invalid UTF-8 sequence."""
+def check_text(stream: IO[bytes], path: Path, max_line_bytes: int) -> None:
+    """Raise a UserError naming the place of the first invalid UTF-8 sequence or over-long line.
+
+    Reads blocks no larger than `max_line_bytes`, so only a line running across blocks can be longer
+    than that, and the count of bytes since the last newline catches it.
+    """
     decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    while block := stream.read(chunk_bytes):
+    offset = since_newline = 0
+    while block := stream.read(min(1 << 20, max_line_bytes)):
         try:
             decoder.decode(block)
         except UnicodeDecodeError as exc:
             bad = offset + exc.start
             raise UserError(f"{_where(path, _line_number(path, bad), bad)}: not valid UTF-8") from None
+        first = block.find(b"\n")
+        if since_newline + (len(block) if first < 0 else first) > max_line_bytes:
+            start = offset - since_newline
+            raise UserError(
+                f"{_where(path, _line_number(path, start), start)}: a line longer than {max_line_bytes} bytes; "
+                "raise data.max_document_bytes"
+            )
+        since_newline = since_newline + len(block) if first < 0 else len(block) - block.rfind(b"\n") - 1
         offset += len(block)
     try:
         decoder.decode(b"", final=True)
@@ -256,7 +268,8 @@ def check_utf8(stream: IO[bytes], path: Path, chunk_bytes: int = 1 << 20) -> Non
 
 def _csv_documents(path: Path, fields: Fields) -> Iterator[tuple[str, int | None]]:
     with _open_binary(path) as stream:
-        check_utf8(stream, path)  # the csv module cannot say where bad bytes are; a cheap first pass can
+        # The csv module can say neither where bad bytes are nor stop a huge line; a first pass can.
+        check_text(stream, path, fields.max_document_bytes)
     csv.field_size_limit(fields.max_document_bytes)
     with io.TextIOWrapper(_open_binary(path), encoding="utf-8", newline="") as text_stream:
         reader = csv.DictReader(text_stream)
