@@ -53,5 +53,6 @@ BENCH_DATA_ARGS ?= --mb 100
 .PHONY: bench-data
 bench-data: data
 	dpkg -s $(BENCH_DATA_DEBS) >/dev/null 2>&1 || apt-get install -y $(BENCH_DATA_DEBS) \
+		|| (apt-get update -qq && apt-get install -y $(BENCH_DATA_DEBS)) \
 		|| echo "warning: could not install $(BENCH_DATA_DEBS); benchmarking without them"
 	$(BIN)/python benchmarks/data_prep.py $(BENCH_DATA_ARGS)
