@@ -60,8 +60,8 @@ def zero_runs(head: RayHead, tmp_path_factory) -> dict[int, Path]:
 
 
 def test_prepare_on_a_cluster_runs_ray_data_tasks_that_match_the_local_result(head: RayHead, tmp_path) -> None:
-    """`launcher prepare` joined to a cluster: one Ray Data task per chunk, each in a worker process writing its own
-    shards; the union is the single-machine result token for token (the same vocabulary: MiniLM's)."""
+    """`launcher prepare` joined to a cluster: one Ray Data task per chunk, in Ray's worker processes, each writing its
+    own shards; the union is the single-machine result token for token (the same vocabulary: MiniLM's)."""
     from launcher.data.store import TokenStore
 
     args = ["prepare", "jobs/debug/tiny.yaml", "cluster.num_workers=2", "stages.0.data.max_train_samples=null",
@@ -69,11 +69,12 @@ def test_prepare_on_a_cluster_runs_ray_data_tasks_that_match_the_local_result(he
             "stages.1.data.max_train_samples=null"]  # fmt: skip
     on_ray = run_cli(*args, f"output_dir={tmp_path / 'ray'}", env=on(head))
     assert_ok(on_ray)
-    tasks = re.search(r"stages.0.data.train: (\d+) task\(s\) in (\d+) process\(es\)", on_ray.stdout)
-    assert tasks and int(tasks[1]) >= 2 and int(tasks[2]) >= 2, on_ray.stdout
+    # Ray Data decides how many worker processes run the tasks at once (1 or 2 seen on this 2-CPU head)
+    assert "preparation: 2 Ray Data task(s) on the cluster" in on_ray.stdout, on_ray.stdout
+    assert re.search(r"stages.0.data.train: 2 task\(s\) in [12] process\(es\) on 1 host", on_ray.stdout)
     local = run_cli(*args, f"output_dir={tmp_path / 'local'}", "--local")
     assert_ok(local)
-    assert "stages.0.data.train: 2 task(s) in 2 process(es)" in local.stdout, "worker processes here too"
+    assert re.search(r"stages.0.data.train: 2 task\(s\) in [12] process\(es\)", local.stdout), "worker processes here"
     for stage in ("pretrain", "finetune"):
         for split in ("train", "eval"):
             stores = [TokenStore.read(tmp_path / where / "tiny" / stage / "data", split) for where in ("ray", "local")]

@@ -156,6 +156,7 @@ def run_jobs_on_ray(jobs: list[ShardJob]) -> list[dict]:
     dataset = ray.data.from_items([{"job": job.to_json()} for job in jobs], override_num_blocks=len(jobs))
     from launcher.data.shard_task import ray_task
 
+    print(f"preparation: {len(jobs)} Ray Data task(s) on the cluster", flush=True)
     rows = dataset.map(ray_task, num_cpus=1).take_all()
     return sorted((json.loads(row["result"]) for row in rows), key=lambda result: result["shard"])
 
