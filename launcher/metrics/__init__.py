@@ -7,6 +7,7 @@ loop never asks which rank it is.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,15 +15,29 @@ from typing import Any
 
 import torch
 
-# Dense peak FLOP/s per GPU (bf16/fp16 tensor cores, fp32 without TF32) from vendor data sheets.
-GPU_PEAK_FLOPS = {
+# Dense peak FLOP/s per GPU (bf16/fp16 tensor cores, fp32 without TF32) from vendor data sheets; None where
+# the GPU has no such arithmetic (V100: no bf16). Matched against whole words of the device name.
+GPU_PEAK_FLOPS: dict[str, dict[str, float | None]] = {
     "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
     "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
     "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
     "A10G": {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
     "L4": {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12},
-    "V100": {"bf16": 125e12, "fp16": 125e12, "fp32": 15.7e12},
+    "V100": {"bf16": None, "fp16": 125e12, "fp32": 15.7e12},
 }
+
+
+def gpu_peak_flops(name: str, precision: str) -> tuple[float, str]:
+    """The table's peak for a CUDA device name (e.g. "NVIDIA L40S", "Tesla V100-SXM2-16GB"), or NaN and why."""
+    words = set(re.findall(r"[A-Z0-9]+", name.upper()))
+    for key, table in GPU_PEAK_FLOPS.items():
+        if key in words:
+            peak = table[precision]
+            if peak is None:
+                return float("nan"), f"{key} has no {precision} arithmetic"
+            return peak, f"table ({key})"
+    return float("nan"), f"unknown GPU {name!r}"
 
 
 def measure_cpu_peak_flops(precision: str, size: int = 1024, repeats: int = 4) -> float:
@@ -42,11 +57,7 @@ def measure_cpu_peak_flops(precision: str, size: int = 1024, repeats: int = 4) -
 def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     """Per-device peak FLOP/s and where the number comes from."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, table in GPU_PEAK_FLOPS.items():
-            if key in name:
-                return table[precision], f"table ({key})"
-        return float("nan"), f"unknown GPU {name!r}"
+        return gpu_peak_flops(torch.cuda.get_device_name(device), precision)
     return measure_cpu_peak_flops(precision), "measured matmul"
 
 
