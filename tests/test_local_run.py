@@ -125,3 +125,26 @@ def test_stage_option_runs_one_stage_and_checks_what_it_reads(tmp_path) -> None:
     assert (tmp_path / "tiny" / "pretrain" / "summary.json").exists()
     assert not (tmp_path / "tiny" / "finetune" / "summary.json").exists(), "only the named stage ran"
     assert not (tmp_path / "tiny" / "summary.json").exists(), "no job summary for a partial run"
+
+
+def test_torn_status_files_count_as_absent(tiny_run: Path, tmp_path: Path) -> None:
+    """A crash mid-write leaves an empty file: an empty stage summary means "not done" (the stage resumes from its
+    last checkpoint and writes it again), and an empty checkpoint marker means "not a checkpoint" (the older one
+    is used)."""
+    import shutil
+
+    from launcher.worker.checkpoint import latest_checkpoint
+
+    shutil.copytree(tiny_run.parent, tmp_path / "out")
+    job = tmp_path / "out" / "tiny"
+    checkpoints = job / "pretrain" / "checkpoints"
+    newest = latest_checkpoint(checkpoints)
+    assert newest is not None and newest.name == "step_00000008"
+    (newest / "launcher.json").write_text("")
+    assert latest_checkpoint(checkpoints) == checkpoints / "step_00000004"
+    (job / "finetune" / "summary.json").write_text("")
+    result = run_cli("run", TINY, "--local", f"output_dir={tmp_path / 'out'}", "stages.0.model.dropout=0.1")
+    assert_ok(result)
+    assert "stage pretrain: already complete" in result.stdout
+    summary = json.loads((job / "finetune" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["resumed_from_step"] == 4, "resumed at its end, not retrained"

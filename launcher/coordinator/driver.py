@@ -10,6 +10,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from launcher import atomic
 from launcher.data.prepare import JobRunner, PreparedStage, prepare_job, run_jobs_locally
 from launcher.errors import UserError
 from launcher.spec import layout
@@ -39,7 +40,7 @@ def claim_job_dir(spec: JobSpec) -> None:
         raise UserError(f"output_dir: {root} is not empty and holds no launcher run; use another output_dir or name")
     else:
         root.mkdir(parents=True, exist_ok=True)
-        marker.write_text(json.dumps(identity) + "\n")
+        atomic.write_json(marker, identity)
 
 
 def resolve(
@@ -58,8 +59,8 @@ def completed_summary(spec: JobSpec, plan: StagePlan) -> dict[str, Any] | None:
     path = layout.summary_path(spec, plan.name)
     if not path.exists():
         return None
-    summary = json.loads(path.read_text())
-    return summary if summary.get("steps", 0) >= (plan.steps or 0) else None
+    summary = atomic.read_json(path)  # torn (a crash mid-write): not complete, the stage resumes
+    return summary if isinstance(summary, dict) and summary.get("steps", 0) >= (plan.steps or 0) else None
 
 
 def check_resumable(spec: JobSpec, index: int, plan: StagePlan) -> None:
@@ -164,7 +165,7 @@ def run_job(
         summaries.append(summary)
     if selected is None:
         job_summary = {"job": spec.name, "stages": summaries}
-        (layout.job_dir(spec) / "summary.json").write_text(json.dumps(job_summary, indent=1))
+        atomic.write_json(layout.job_dir(spec) / "summary.json", job_summary)
     print(render_results(spec, summaries, "job" if selected is None else f"stage {only} of job"))
     return 0
 

@@ -13,7 +13,6 @@ last registered checkpoint.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import secrets
 import shutil
@@ -22,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from launcher import atomic
 from launcher.errors import UserError
 from launcher.spec import layout
 from launcher.spec.load import parse_spec
@@ -97,10 +97,9 @@ def run_stage_ray(
     )
     trainer.fit()
     summary_path = layout.summary_path(spec, stage.name)
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
-        if summary["steps"] >= plan_data["steps"]:
-            return summary
+    summary = atomic.read_json(summary_path)
+    if isinstance(summary, dict) and summary["steps"] >= plan_data["steps"]:
+        return summary
     # Finished without a summary: rank 0 stopped on request after a checkpoint.
     from launcher.worker.checkpoint import latest_checkpoint, read_meta
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from typing import Any
 
 import torch
 
+from launcher import atomic
 from launcher.errors import UserError
 
 TAG_PREFIX = "step_"
@@ -37,7 +37,7 @@ def save_checkpoint(
     torch.distributed.barrier()
     path = root / tag
     if is_main:
-        (path / META_FILE).write_text(json.dumps({"step": step, **meta}) + "\n")
+        atomic.write_json(path / META_FILE, {"step": step, **meta})  # whole or absent: the commit mark
         tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(TAG_PREFIX))
         for old in tags[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -46,14 +46,16 @@ def save_checkpoint(
 
 
 def read_meta(path: Path) -> dict[str, Any]:
-    return json.loads((path / META_FILE).read_text())
+    meta = atomic.read_json(path / META_FILE)
+    assert isinstance(meta, dict), f"{path} is not a complete checkpoint"
+    return meta
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest complete checkpoint folder under `checkpoints/`, if any."""
+    """The newest complete checkpoint folder under `checkpoints/`, if any (a torn marker is no marker)."""
     if not checkpoints.is_dir():
         return None
-    complete = [p for p in checkpoints.glob(f"{TAG_PREFIX}*") if (p / META_FILE).is_file()]
+    complete = [p for p in checkpoints.glob(f"{TAG_PREFIX}*") if isinstance(atomic.read_json(p / META_FILE), dict)]
     return max(complete, key=lambda p: p.name, default=None)
 
 

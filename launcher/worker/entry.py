@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import yaml
 
+from launcher import atomic
 from launcher.data.tokenizer import load_tokenizer
 from launcher.errors import UserError
 from launcher.metrics import MetricsWriter, NullWriter, flops_per_token, json_safe, peak_flops
@@ -129,7 +130,7 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
     if not stopped:
         export_model(engine, tokenizer, layout.model_dir(spec, stage.name), ctx.is_main)
         if ctx.is_main:
-            layout.summary_path(spec, stage.name).write_text(json.dumps(summary, indent=1) + "\n")
+            atomic.write_json(layout.summary_path(spec, stage.name), summary)
     return summary
 
 
