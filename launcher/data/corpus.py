@@ -19,7 +19,7 @@ import gzip
 import io
 import json
 import lzma
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -191,10 +191,11 @@ def _decode(path: Path, raw: bytes, offset: int, number: int | None) -> str:
         raise UserError(f"{_where(path, number or _line_number(path, bad), bad)}: not valid UTF-8") from None
 
 
-def _label_id(value: object, fields: Fields, where: str) -> int:
+def _label_id(value: object, fields: Fields, where: Callable[[], str]) -> int:
+    """The class id of a label; `where` names the place, computed only for an error."""
     name = "" if value is None else str(value)
     if name not in fields.labels:
-        raise UserError(f"{where}: label {name!r} is not in data.labels {list(fields.labels)}")
+        raise UserError(f"{where()}: label {name!r} is not in data.labels {list(fields.labels)}")
     return fields.labels.index(name)
 
 
@@ -220,19 +221,21 @@ def iter_documents(chunk: Chunk, fields: Fields) -> Iterator[tuple[str, int | No
                 _decode(path, raw, offset, number)
                 raise
             except ValueError as exc:
-                where = _where(path, number or _line_number(path, offset), offset)
-                raise UserError(f"{where}: not a JSON object ({exc.args[0][:100]})") from None
+                place = _where(path, number or _line_number(path, offset), offset)
+                raise UserError(f"{place}: not a JSON object ({exc.args[0][:100]})") from None
+
+            def where(offset: int = offset, number: int | None = number) -> str:
+                return _where(path, number or _line_number(path, offset), offset)
+
             if not isinstance(record, dict) or fields.text not in record:
-                where = _where(path, number or _line_number(path, offset), offset)
-                raise UserError(f"{where}: no field {fields.text!r} (data.text_field)")
+                raise UserError(f"{where()}: no field {fields.text!r} (data.text_field)")
             text = record[fields.text]
             if text is None or not str(text).strip():
                 continue
             label = None
             if fields.label is not None:
-                where = _where(path, number or _line_number(path, offset), offset)
                 if fields.label not in record:
-                    raise UserError(f"{where}: no field {fields.label!r} (data.label_field)")
+                    raise UserError(f"{where()}: no field {fields.label!r} (data.label_field)")
                 label = _label_id(record[fields.label], fields, where)
             yield str(text), label
 
@@ -284,7 +287,7 @@ def _csv_documents(path: Path, fields: Fields) -> Iterator[tuple[str, int | None
                     continue
                 label = None
                 if fields.label is not None:
-                    label = _label_id(row.get(fields.label), fields, f"{path}: line {reader.line_num}")
+                    label = _label_id(row.get(fields.label), fields, lambda: f"{path}: line {reader.line_num}")
                 yield text, label
         except csv.Error as exc:
             raise UserError(f"{path}: line {reader.line_num}: {exc}") from None
@@ -310,5 +313,5 @@ def _parquet_documents(chunk: Chunk, fields: Fields) -> Iterator[tuple[str, int 
                 continue
             label = None
             if fields.label is not None:
-                label = _label_id(value, fields, f"{chunk.path}: row group {chunk.start}+, row {row}")
+                label = _label_id(value, fields, lambda row=row: f"{chunk.path}: row group {chunk.start}+, row {row}")
             yield str(text), label

@@ -31,7 +31,14 @@ import numpy as np
 
 from launcher import atomic
 from launcher.data.corpus import CHUNK_BYTES, Chunk, Fields, plan_chunks, resolve_files
-from launcher.data.shard_task import ShardJob, run_shard_job, split_documents, tokenizer_threads
+from launcher.data.shard_task import (
+    ShardJob,
+    caps_reached,
+    ray_task,
+    run_shard_job,
+    split_documents,
+    tokenizer_threads,
+)
 from launcher.data.store import META_FILE, BlockDataset, ShardInfo, TokenStore, block_prefix, token_dtype
 from launcher.data.tokenizer import load_tokenizer, separator_id, train_tokenizer
 from launcher.errors import UserError
@@ -132,8 +139,7 @@ def _serial(jobs: list[ShardJob]) -> Iterator[dict]:
     """In order, in this process; caps on document counts carry from one chunk to the next."""
     remaining = dict(jobs[0].limits) if jobs else {}
     for job in jobs:
-        possible = [job.split] if job.split else ["train", "eval"]
-        if remaining and all(remaining.get(split) == 0 for split in possible):
+        if caps_reached(remaining, job.split):
             yield {"shard": job.shard, "path": job.chunk.path, "splits": {}, "skipped": True}  # caps reached
             continue
         result = run_shard_job(replace(job, limits=dict(remaining), threads=True))
@@ -154,8 +160,6 @@ def run_jobs_on_ray(jobs: list[ShardJob]) -> list[dict]:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     dataset = ray.data.from_items([{"job": job.to_json()} for job in jobs], override_num_blocks=len(jobs))
-    from launcher.data.shard_task import ray_task
-
     print(f"preparation: {len(jobs)} Ray Data task(s) on the cluster", flush=True)
     rows = dataset.map(ray_task, num_cpus=1).take_all()
     return sorted((json.loads(row["result"]) for row in rows), key=lambda result: result["shard"])

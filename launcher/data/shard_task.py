@@ -64,6 +64,11 @@ def in_eval(text: str, seed: int, fraction: float) -> bool:
     return int.from_bytes(digest, "little") < fraction * 2**64
 
 
+def caps_reached(remaining: dict[str, int], split: str | None) -> bool:
+    """Every split that a job of this `split` feeds has a cap, and nothing of it is left."""
+    return all(remaining.get(name) == 0 for name in ([split] if split else ["train", "eval"]))
+
+
 def split_documents(
     chunk: Chunk, fields: Fields, split: str | None, seed: int, eval_fraction: float
 ) -> Iterator[tuple[str, str, int | None]]:
@@ -164,7 +169,6 @@ def _write(job: ShardJob) -> dict[str, dict]:
     writers: dict[str, ShardWriter] = {}
     pending: dict[str, tuple[list[str], list[int | None], list[int]]] = {}
     remaining = dict(job.limits)
-    possible = [job.split] if job.split else ["train", "eval"]
 
     def flush(split: str) -> None:
         texts, labels, _ = pending.pop(split)
@@ -176,8 +180,8 @@ def _write(job: ShardJob) -> dict[str, dict]:
     for split, text, label in split_documents(job.chunk, job.fields, job.split, job.seed, job.eval_fraction):
         if split in remaining:
             if remaining[split] == 0:
-                if all(remaining.get(name) == 0 for name in possible):
-                    break  # every split this chunk feeds is full
+                if caps_reached(remaining, job.split):
+                    break
                 continue
             remaining[split] -= 1
         texts, labels, size = pending.setdefault(split, ([], [], [0]))

@@ -31,7 +31,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 @dataclass(frozen=True)
 class ShardInfo:
-    """One shard of a split: its file stem and how many documents and tokens of it are used."""
+    """One shard of a split: its file stem, documents and tokens."""
 
     name: str
     num_docs: int
@@ -141,11 +141,14 @@ class TokenStore:
         start = 0 if local == 0 else int(ends[local - 1])
         return np.asarray(self._shard_tokens(k)[start : int(ends[local])], dtype=np.int64)
 
-    def label(self, index: int) -> int:
-        k, local = self._locate(index)
+    def _shard_labels(self, k: int) -> np.ndarray:
         if k not in self._labels:
             self._labels[k] = np.load(self.directory / f"{self.shards[k].name}.labels.npy", mmap_mode="r")
-        return int(self._labels[k][local])
+        return self._labels[k]
+
+    def label(self, index: int) -> int:
+        k, local = self._locate(index)
+        return int(self._shard_labels(k)[local])
 
     @property
     def has_labels(self) -> bool:
@@ -156,7 +159,7 @@ class TokenStore:
         """Every label of the split (classification sets are small), or None without labels."""
         if not self.has_labels:
             return None
-        return np.array([self.label(i) for i in range(self.num_docs)], dtype=np.int64)
+        return np.concatenate([self._shard_labels(k) for k in range(len(self.shards))]).astype(np.int64)
 
 
 class BlockDataset:
