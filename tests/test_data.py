@@ -290,6 +290,33 @@ def test_step_sampler_shards_cover_each_epoch(n, micro, accum, world) -> None:
             assert both == list(chain.from_iterable(single.micro_batches(step)))
 
 
+def test_length_grouped_batches_cover_the_epoch_with_little_padding() -> None:
+    n, micro = 2000, 16
+    lengths = np.random.default_rng(0).integers(5, 65, size=n)
+    grouped = StepSampler(n, micro, 1, 1, 0, seed=7, lengths=lengths)
+    plain = StepSampler(n, micro, 1, 1, 0, seed=7)
+    per_epoch = grouped.steps_per_epoch
+
+    def padded_fill(sampler: StepSampler) -> float:  # real tokens over padded tokens of a padded-per-batch epoch
+        batches = [sampler.micro_batches(step)[0] for step in range(per_epoch)]
+        return sum(lengths[b].sum() for b in batches) / sum(lengths[b].max() * len(b) for b in batches)
+
+    for epoch in range(2):
+        steps = range(epoch * per_epoch, (epoch + 1) * per_epoch)
+        seen = [i for step in steps for i in grouped.micro_batches(step)[0]]
+        assert sorted(seen) == sorted(i for step in steps for i in plain.micro_batches(step)[0]), "the same samples"
+    assert padded_fill(plain) < 0.7 < 0.95 < padded_fill(grouped)
+    first = [grouped.micro_batches(step)[0] for step in range(3 * 50)]
+    assert [max(lengths[b]) for b in first[:50]] != sorted(max(lengths[b]) for b in first[:50]), "batches shuffled"
+    fresh = StepSampler(n, micro, 1, 1, 0, seed=7, lengths=lengths)
+    assert [fresh.micro_batches(step)[0] for step in (120, 3, 77)] == [first[120], first[3], first[77]], "resumable"
+    # 2 workers (1 micro-batch each) and 1 worker accumulating 2 train on the same global batches
+    pair = [StepSampler(n, micro, 1, 2, rank, seed=7, lengths=lengths) for rank in range(2)]
+    single = StepSampler(n, micro, 2, 1, 0, seed=7, lengths=lengths)
+    for step in (0, 49, 50, 62):
+        assert [i for s in pair for i in s.micro_batches(step)[0]] == list(chain(*single.micro_batches(step)))
+
+
 def test_resume_cost_does_not_grow_with_the_step(monkeypatch) -> None:
     """The batch of step k costs the same permutation work at k = 1 as deep into a huge epoch."""
     calls = {"positions": 0}

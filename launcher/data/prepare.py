@@ -90,7 +90,7 @@ def fingerprint(spec: JobSpec, stage: StageSpec) -> str:
     record = {
         "version": META_VERSION,
         "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
-        "data": stage.data.model_dump(exclude={"document_mask"}),  # read at collate time, not prepared
+        "data": stage.data.model_dump(exclude={"document_mask", "group_by_length"}),  # used in training, not prepared
         "tokenizer": stage.tokenizer.model_dump(exclude={"source"}),
         "family": stage.model.family,
         "task": stage.task,

@@ -141,6 +141,11 @@ class TokenStore:
         start = 0 if local == 0 else int(ends[local - 1])
         return np.asarray(self._shard_tokens(k)[start : int(ends[local])], dtype=np.int64)
 
+    def doc_lengths(self) -> np.ndarray:
+        """The token count of every document of the split (int64, one per document)."""
+        parts = [np.diff(np.asarray(self._shard_ends(k), dtype=np.int64), prepend=0) for k in range(len(self.shards))]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
     def _shard_labels(self, k: int) -> np.ndarray:
         if k not in self._labels:
             self._labels[k] = np.load(self.directory / f"{self.shards[k].name}.labels.npy", mmap_mode="r")

@@ -179,6 +179,13 @@ class DataSpec(Section):
         "mask, positions restarting per document; the first token of a later document is not a target). Costs "
         "a batch x seq_len^2 mask per step and the model's masked (not fused causal) attention path.",
     )
+    group_by_length: bool | None = Field(
+        default=None,
+        description="classification: batch documents of similar length together (HF's group_by_length): runs "
+        "of 50 global batches of the shuffled order are sorted by length, cut into batches again and visited in a "
+        "shuffled order, so little of each batch is padding. Default: on for classification. Packed mlm/clm "
+        "blocks all have seq_len tokens: not for them.",
+    )
     max_document_bytes: PositiveInt = Field(
         default=16 << 20,
         description="Longest document (line) read, in bytes; a longer one is refused with its file and offset "
@@ -274,6 +281,8 @@ class StageSpec(Section):
             raise ValueError("model.family: task clm needs a decoder family (gpt2 or llama), not bert")
         if self.data.document_mask and self.task != "clm":
             raise ValueError("data.document_mask: only for task clm (packed causal LM blocks)")
+        if self.data.group_by_length and self.task != "classification":
+            raise ValueError("data.group_by_length: only for classification (packed blocks all have seq_len tokens)")
         if self.task == "classification" and self.data.sources:
             raise ValueError("data.sources: mixtures are for pre-training (mlm, clm); use data.train")
         if self.task == "mlm" and self.model.family != "bert":

@@ -142,6 +142,10 @@ class Task:
     def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def sample_lengths(self, dataset: Any) -> np.ndarray | None:
+        """Lengths to group training batches by (`data.group_by_length`), or None: packed blocks are all equal."""
+        return None
+
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Real (non-padding) tokens of a collated batch."""
         return int(batch["attention_mask"].sum())
@@ -240,6 +244,9 @@ class Classification(Task):
 
     def dataset(self, data_dir: Path, split: str, seed: int = 0) -> DocumentDataset:
         return DocumentDataset(TokenStore.read(data_dir, split))
+
+    def sample_lengths(self, dataset: Any) -> np.ndarray | None:
+        return dataset.store.doc_lengths() if self.stage.data.group_by_length is not False else None
 
     def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         ids, mask = _pad([s["input_ids"] for s in samples], self.pad_id)
