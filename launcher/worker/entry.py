@@ -64,7 +64,7 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
     tokenizer = load_tokenizer(layout.tokenizer_dir(spec, stage.name))
     task = build_task(stage, tokenizer)
     model = task.build_model(init_path(spec, stage))
-    fpt = flops_per_token(model, plan.seq_len)
+    fpt = flops_per_token(model, plan.seq_len, stage.mlm_probability if stage.task == "mlm" else 1.0)
     num_params = sum(p.numel() for p in model.parameters())
     ds_config = build_deepspeed_config(spec.deepspeed, stage, plan)
     meta = run_meta(ctx.world_size, plan.global_batch_size, plan.zero_stage, stage.precision)
@@ -125,6 +125,7 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
         "init_from": stage.init_from,
         "resumed_from_step": resumed_from_step,
         "process_s": round(time.perf_counter() - started, 3),
+        "peak_memory_bytes": peak_memory_bytes(ctx.device),
         "stopped": stopped,
     }
     if not stopped:
@@ -147,6 +148,15 @@ def optimizer_state_bytes(engine: Any) -> dict[str, int]:
     for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
         master += nbytes(getattr(wrapper, name, None) or [])
     return {"optimizer_state_bytes": moments, "fp32_master_bytes": master}
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """This rank's peak: GPU memory allocated by torch on CUDA, else the process's peak resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
 def quiet_libraries() -> None:

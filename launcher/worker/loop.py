@@ -28,6 +28,7 @@ from launcher.tasks import EvalSums, Task
 from launcher.worker.checkpoint import save_checkpoint
 from launcher.worker.context import RankContext
 
+Batch = dict[str, torch.Tensor]
 STOP_FILE = "STOP"
 STOP_AFTER_STEP_ENV = "LAUNCHER_STOP_AFTER_STEP"
 STOP_FILE_ENV = "LAUNCHER_STOP_FILE"  # another stop file, for whoever started the run (e.g. on SIGUSR1)
@@ -66,12 +67,19 @@ class Loop:
     peak_flops: float
     checkpoint_meta: dict[str, Any]
 
-    def _batch(self, dataset: Any, indices: list[int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    def _batch(self, dataset: Any, indices: list[int], generator: torch.Generator) -> tuple[Batch, int]:
+        """The collated micro-batch on the device, and its real tokens (counted on the host: no device sync)."""
         batch = self.task.collate([dataset[i] for i in indices], generator)
-        return {key: value.to(self.ctx.device) for key, value in batch.items()}
+        tokens = self.task.num_tokens(batch)
+        device = self.ctx.device
+        if device.type == "cuda":  # pinned pages copy asynchronously, overlapping the queued kernels
+            return {key: value.pin_memory().to(device, non_blocking=True) for key, value in batch.items()}, tokens
+        return {key: value.to(device) for key, value in batch.items()}, tokens
 
-    def _all_reduce(self, values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64, device=self.ctx.device)
+    def _all_reduce(self, values: list[float | torch.Tensor]) -> list[float]:
+        """Sum over ranks; device tensors (e.g. a summed loss) join without being read first: one sync in all."""
+        device = self.ctx.device
+        tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
         torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
@@ -104,7 +112,7 @@ class Loop:
             for b in range(num_batches):
                 indices = mine[b * size : (b + 1) * size]
                 generator = torch.Generator().manual_seed(step_seed(self.seed, b, self.ctx.rank, purpose=2))
-                batch = self._batch(self.eval_set, indices or [0], generator)
+                batch, _ = self._batch(self.eval_set, indices or [0], generator)
                 outputs = self.engine(**batch)
                 if indices:
                     part = self.task.eval_sums(outputs, batch)
@@ -120,7 +128,7 @@ class Loop:
         assert self.plan.steps is not None
         sampler = StepSampler(
             len(self.train_set), self.plan.micro_batch_size, self.plan.grad_accum_steps,
-            self.ctx.world_size, self.ctx.rank, self.seed,
+            self.ctx.world_size, self.ctx.rank, self.seed, self.task.sample_lengths(self.train_set),
         )  # fmt: skip
         self.engine.train()
         trace_dir = os.environ.get(TRACE_SAMPLES_ENV)
@@ -145,19 +153,22 @@ class Loop:
             if trace is not None:
                 samples = [i for micro in sampler.micro_batches(step) for i in micro]
                 trace.write(json.dumps({"step": step, "samples": samples}) + "\n")
-            loss_sum, tokens, grad_norm = 0.0, 0, None
+            done = step + 1 == self.plan.steps
+            logged = (step + 1) % stage.log_every == 0 or done or step == 0  # step 1: a sign of life
+            loss_sum: torch.Tensor | float = 0.0  # stays on the device: no host sync per micro-batch
+            tokens, grad_norm = 0, None
             for micro, indices in enumerate(sampler.micro_batches(step)):
                 index = self.ctx.rank * self.plan.grad_accum_steps + micro  # the micro-batch's place in the step
                 torch.manual_seed(step_seed(self.seed, step, index, purpose=0))  # dropout
                 generator = torch.Generator().manual_seed(step_seed(self.seed, step, index, purpose=1))  # masking
-                batch = self._batch(self.train_set.for_epoch(sampler.epoch_of(step)), indices, generator)
+                batch, batch_tokens = self._batch(self.train_set.for_epoch(sampler.epoch_of(step)), indices, generator)
                 loss = self.engine(**batch).loss
                 self.engine.backward(loss)
-                if micro == self.plan.grad_accum_steps - 1:
+                if logged and micro == self.plan.grad_accum_steps - 1:
                     grad_norm = self._grad_norm()
                 self.engine.step()
-                loss_sum += float(loss.detach())
-                tokens += self.task.num_tokens(batch)
+                loss_sum = loss_sum + loss.detach()
+                tokens += batch_tokens
             loss_sum, tokens, stop = self._all_reduce([loss_sum, float(tokens), float(self._stop_requested(step + 1))])
             state.step = step + 1
             state.tokens += int(tokens)
@@ -165,9 +176,8 @@ class Loop:
             window_losses.append(train_loss)
             window_tokens += int(tokens)
             state.wall_s = wall_before + time.perf_counter() - session_start
-            done = state.step == self.plan.steps
             scalars: dict[str, float] = {}
-            if state.step % stage.log_every == 0 or done or state.step == 1:  # step 1: a sign of life
+            if logged:
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 rate = window_tokens / elapsed
                 if grad_norm is None:
