@@ -61,14 +61,27 @@ def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
     return measure_cpu_peak_flops(precision), "measured matmul"
 
 
-def flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """6·N + 12·L·H·Q·T (N: non-embedding parameters; L layers, H heads, Q head dim, T sequence)."""
+def flops_per_token(model: torch.nn.Module, seq_len: int, head_fraction: float = 1.0) -> float:
+    """Training FLOPs per token: 6·(N + f·V·h) + 12·L·H·Q·T (PaLM's appendix B count, embeddings apart).
+
+    N: parameters of the model's matmuls, i.e. every parameter but the embedding tables looked up (token,
+    position, token type) and the output projection V·h; that projection is counted on its own, at the
+    fraction `f` of tokens it runs on (1 for causal LM; the masking rate for the sparse MLM head, which
+    projects masked positions only), tied to the input embedding or not. 12·L·H·Q·T: attention scores
+    and weighted values over a T-token sequence (L layers, H·Q = hidden size), forward and backward.
+    """
     config = model.config
-    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
-    total = sum(p.numel() for p in model.parameters())
+    lookups = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    total = sum(p.numel() for p in model.parameters())  # a tied weight once
+    head = 0
+    if output is not None and getattr(output, "weight", None) is not None:
+        head = output.weight.numel()
+        if id(output.weight) not in lookups:  # untied: counted in total as a parameter
+            total -= head
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
     hidden = getattr(config, "hidden_size", None) or config.n_embd
-    return 6 * (total - embedding) + 12 * layers * hidden * seq_len
+    return 6 * (total - sum(lookups.values()) + head_fraction * head) + 12 * layers * hidden * seq_len
 
 
 class NullWriter:

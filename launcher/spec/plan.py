@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,51 +84,6 @@ def steps_per_epoch(num_samples: int, global_batch: int) -> int:
     return max(1, math.ceil(num_samples / global_batch))
 
 
-def _model_sizes(model: ModelSpec, vocab_size: int) -> dict[str, int] | None:
-    if model.path is None:
-        return {
-            "vocab": vocab_size,
-            "hidden": model.hidden_size,
-            "layers": model.num_layers,
-            "heads": model.num_heads,
-            "inter": model.intermediate_size or 4 * model.hidden_size,
-            "positions": model.max_position_embeddings,
-        }
-    config_path = Path(model.path) / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError):
-        return None
-    hidden = config.get("hidden_size") or config.get("n_embd")
-    return {
-        "vocab": config.get("vocab_size", vocab_size),
-        "hidden": hidden,
-        "layers": config.get("num_hidden_layers") or config.get("n_layer"),
-        "heads": config.get("num_attention_heads") or config.get("n_head"),
-        "inter": config.get("intermediate_size") or config.get("n_inner") or 4 * hidden,
-        "positions": config.get("max_position_embeddings") or config.get("n_positions"),
-    }
-
-
-def count_params(family: str, task: str, sizes: dict[str, int], num_labels: int = 2) -> int:
-    """Parameters of the `transformers` model this spec builds (checked against torch in the tests)."""
-    v, h, n_layers, i, p = sizes["vocab"], sizes["hidden"], sizes["layers"], sizes["inter"], sizes["positions"]
-    if family == "bert":
-        embeddings = v * h + p * h + 2 * h + 2 * h
-        layer = 4 * (h * h + h) + 2 * h + (h * i + i) + (i * h + h) + 2 * h
-        head = (h * h + h + 2 * h + v) if task == "mlm" else (h * h + h) + (h * num_labels + num_labels)
-        return embeddings + n_layers * layer + head
-    if family == "gpt2":
-        layer = 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + 2 * h + (h * i + i) + (i * h + h)
-        head = 0 if task == "clm" else h * num_labels
-        return v * h + p * h + n_layers * layer + 2 * h + head
-    if family == "llama":
-        layer = 4 * h * h + 3 * h * i + 2 * h
-        head = v * h if task == "clm" else h * num_labels
-        return v * h + n_layers * layer + h + head
-    raise AssertionError(family)
-
-
 def model_states_bytes(num_params: int, precision: str, zero_stage: int, world: int) -> dict[str, int]:
     """Per-worker bytes of weights, gradients and optimizer state under ZeRO (activations excluded).
 
@@ -156,23 +110,31 @@ def _vocab_size(spec: JobSpec, stage: StageSpec) -> int:
     return stage.tokenizer.vocab_size
 
 
-def _family_and_sizes(spec: JobSpec, stage: StageSpec) -> tuple[str, dict[str, int] | None]:
-    """A stage that starts from an earlier stage inherits its architecture."""
+def _architecture(spec: JobSpec, stage: StageSpec) -> tuple[ModelSpec, Path | None]:
+    """The model a stage starts from: an earlier stage's (inherited), a local directory's, or its own spec."""
     names = [s.name for s in spec.stages]
     if stage.init_from in names:
-        return _family_and_sizes(spec, spec.stage(stage.init_from))
-    model = stage.model
+        return _architecture(spec, spec.stage(stage.init_from))
     if stage.init_from is not None:
-        model = model.model_copy(update={"path": stage.init_from})
-    return model.family, _model_sizes(model, _vocab_size(spec, stage))
+        return stage.model, Path(stage.init_from)
+    return stage.model, None if stage.model.path is None else Path(stage.model.path)
+
+
+def count_params(spec: JobSpec, stage: StageSpec) -> int | None:
+    """Parameters of the stage's model, from the model itself built on the meta device (imports torch)."""
+    from launcher.tasks import count_parameters
+
+    model, directory = _architecture(spec, stage)
+    if directory is not None and not (directory / "config.json").is_file():
+        return None  # an earlier stage's export that does not exist yet
+    return count_parameters(stage, model, directory, _vocab_size(spec, stage))
 
 
 def plan_stage(spec: JobSpec, index: int, local: bool, num_train_samples: int | None = None) -> StagePlan:
     stage = spec.stages[index]
     world = world_size(spec, local)
     micro, accum, global_batch = batch_sizes(stage, world, index)
-    family, sizes = _family_and_sizes(spec, stage)
-    num_params = None if sizes is None else count_params(family, stage.task, sizes, len(stage.data.labels))
+    num_params = count_params(spec, stage)
     states = None
     if num_params is not None:
         states = model_states_bytes(num_params, stage.precision, spec.deepspeed.zero_stage, world)

@@ -270,5 +270,37 @@ class Classification(Task):
 TASKS: dict[str, type[Task]] = {"mlm": MaskedLM, "clm": CausalLM, "classification": Classification}
 
 
+class _NoTokenizer:
+    """Special-token ids do not change a model's size."""
+
+    pad_token_id = bos_token_id = eos_token_id = None
+
+
+def count_parameters(stage: StageSpec, model: ModelSpec, model_dir: Path | None, vocab_size: int) -> int | None:
+    """Parameters of the model `stage` trains, counted on a copy built on the meta device (no memory).
+
+    The architecture is `model_dir`'s `config.json` (an export or a local pretrained model, whatever
+    its family) or else the spec's `model` with `vocab_size`; the head is the stage's task's. None
+    when the directory's config cannot be read.
+    """
+    import transformers
+
+    task = TASKS[stage.task](stage, _NoTokenizer())
+    num_labels = task.num_labels()
+    if model_dir is not None:
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+        except (OSError, ValueError):
+            return None
+        if num_labels is not None:
+            config.num_labels = num_labels
+    else:
+        config = _model_config(model, vocab_size, _NoTokenizer(), num_labels)
+    auto = task.model_class()
+    with torch.device("meta"):
+        built = auto(config) if issubclass(auto, transformers.PreTrainedModel) else auto.from_config(config)
+    return sum(p.numel() for p in built.parameters())
+
+
 def build_task(stage: StageSpec, tokenizer: Any) -> Task:
     return TASKS[stage.task](stage, tokenizer)
