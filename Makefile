@@ -50,6 +50,21 @@ clean:
 BENCH_DATA_DEBS := fortunes fortunes-min wordnet-base dict-gcide
 BENCH_DATA_ARGS ?= --mb 100
 
+# Wheels the GPU machine lacks, for benchmarks/gpu_check.sh (see its header): DeepSpeed ships only an sdist.
+GPU_WHEELS := benchmarks/gpu-wheels
+GPU_PY := --only-binary :all: --python-version 3.12 --platform manylinux2014_x86_64 --no-deps
+
+.PHONY: gpu-wheels gpu-check-dry
+gpu-wheels: setup
+	mkdir -p $(GPU_WHEELS)
+	$(BIN)/pip wheel --quiet --no-deps --no-build-isolation deepspeed==0.19.8 -w $(GPU_WHEELS)
+	$(BIN)/pip download --quiet $(GPU_PY) -d $(GPU_WHEELS) hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 \
+		annotated-types==0.8.0 typing-inspection==0.4.5 zstandard==0.25.0
+	du -sh $(GPU_WHEELS)
+
+gpu-check-dry: data
+	bash benchmarks/gpu_check.sh --dry-run
+
 .PHONY: bench-data
 bench-data: data
 	dpkg -s $(BENCH_DATA_DEBS) >/dev/null 2>&1 || apt-get install -y $(BENCH_DATA_DEBS) \

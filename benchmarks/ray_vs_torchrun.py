@@ -74,7 +74,8 @@ def stage_records(stage: Path, steps: int) -> list[dict]:
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     records, seen = [], 0.0
     for row in rows:  # cumulative train/tokens -> tokens of each step
-        records.append({"step": row["step"], "time": row["time"], "tokens": row["train/tokens"] - seen})
+        records.append({"step": row["step"], "time": row["time"], "tokens": row["train/tokens"] - seen,
+                        "mfu": row.get("train/mfu")})  # fmt: skip
         seen = row["train/tokens"]
     # The last step's record is written after the stage's final evaluation: not training time.
     return [r for r in records if r["step"] < steps]
@@ -101,6 +102,31 @@ def run_launcher(out: Path, steps: int, env: dict[str, str], log_every: int) -> 
     return start, stage_records(stage, steps)
 
 
+def measure(steps: int, warmup: int, repeat: int, log_every: int) -> dict[str, list[dict[str, float]]]:
+    """Each runner `repeat` times, alternating: steady tokens/s, seconds to the first step, launcher's MFU."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    results: dict[str, list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="launcher-bench-") as tmp:
+        out = Path(tmp)
+        env["TMPDIR"] = tmp  # what torchrun leaves there (torchelastic_* folders) goes with it
+        subprocess.run([sys.executable, "-m", "launcher", "prepare", str(JOB), f"output_dir={out}"], cwd=ROOT,
+                       env=env, check=True, capture_output=True)  # fmt: skip
+        runners = {
+            "raw": lambda: run_raw(out, steps, env),
+            "torchrun": lambda: run_torchrun(out, steps, env, log_every),
+            "launcher": lambda: run_launcher(out, steps, env, log_every),
+        }
+        for _ in range(repeat):
+            for name, runner in runners.items():
+                start, records = runner()
+                rate = steady_rate(records, warmup)
+                first = records[0]["time"] - start
+                mfu = [r["mfu"] for r in records if r.get("mfu") is not None]
+                results.setdefault(name, []).append({"rate": rate, "first": first, "mfu": mfu[-1] if mfu else None})
+                print(f"{name:<9} steady {rate:9,.0f} tokens/s   first step after {first:5.1f} s", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=100)
@@ -110,27 +136,9 @@ def main() -> None:
         "--log-every", type=int, default=10, help="launcher's metrics cadence (1: a TensorBoard/console line per step)"
     )
     args = parser.parse_args()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
-    with tempfile.TemporaryDirectory(prefix="launcher-bench-") as tmp:
-        out = Path(tmp)
-        env["TMPDIR"] = tmp  # what torchrun leaves there (torchelastic_* folders) goes with it
-        subprocess.run([sys.executable, "-m", "launcher", "prepare", str(JOB), f"output_dir={out}"], cwd=ROOT,
-                       env=env, check=True, capture_output=True)  # fmt: skip
-        runners = {
-            "raw": lambda: run_raw(out, args.steps, env),
-            "torchrun": lambda: run_torchrun(out, args.steps, env, args.log_every),
-            "launcher": lambda: run_launcher(out, args.steps, env, args.log_every),
-        }
-        results: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
-        for _ in range(args.repeat):
-            for name, runner in runners.items():
-                start, records = runner()
-                rate = steady_rate(records, args.warmup)
-                first = records[0]["time"] - start
-                results[name].append((rate, first))
-                print(f"{name:<9} steady {rate:9,.0f} tokens/s   first step after {first:5.1f} s", flush=True)
-    rate = {name: statistics.median(r for r, _ in runs) for name, runs in results.items()}
-    first = {name: statistics.median(f for _, f in runs) for name, runs in results.items()}
+    results = measure(args.steps, args.warmup, args.repeat, args.log_every)
+    rate = {name: statistics.median(r["rate"] for r in runs) for name, runs in results.items()}
+    first = {name: statistics.median(r["first"] for r in runs) for name, runs in results.items()}
     print(
         f"ratio launcher/raw tokens/s: {rate['launcher'] / rate['raw']:.3f} (target >= 0.95) = loop "
         f"{rate['torchrun'] / rate['raw']:.3f} (torchrun/raw) x Ray {rate['launcher'] / rate['torchrun']:.3f} "

@@ -13,7 +13,8 @@ import pytest
 from tests.conftest import ROOT
 
 BIN = Path(sys.executable).parent
-SCRIPTS = sorted([*ROOT.glob("slurm/*.sh"), *ROOT.glob("tests/cluster/*.sh"), ROOT / ".ci" / "run"])
+SCRIPTS = sorted([*ROOT.glob("slurm/*.sh"), *ROOT.glob("tests/cluster/*.sh"), *ROOT.glob("benchmarks/*.sh"),
+                  ROOT / ".ci" / "run"])  # fmt: skip
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
