@@ -52,7 +52,7 @@ def resolve(
     """
     prepared = prepare_job(spec, log=log, only=only, run_jobs=run_jobs)
     counts = {name: info.num_train_samples for name, info in prepared.items()}
-    return prepared, plan_job(spec, local, counts)
+    return prepared, plan_job(spec, local, counts, estimate=False)  # workers count their model's parameters
 
 
 def completed_summary(spec: JobSpec, plan: StagePlan) -> dict[str, Any] | None:

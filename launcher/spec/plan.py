@@ -130,11 +130,15 @@ def count_params(spec: JobSpec, stage: StageSpec) -> int | None:
     return count_parameters(stage, model, directory, _vocab_size(spec, stage))
 
 
-def plan_stage(spec: JobSpec, index: int, local: bool, num_train_samples: int | None = None) -> StagePlan:
+def plan_stage(
+    spec: JobSpec, index: int, local: bool, num_train_samples: int | None = None, estimate: bool = True
+) -> StagePlan:
+    """The stage's numbers; `estimate=False` leaves out the parameter count and memory estimate (they
+    import transformers and build the model on the meta device: printed by `validate`, not needed to run)."""
     stage = spec.stages[index]
     world = world_size(spec, local)
     micro, accum, global_batch = batch_sizes(stage, world, index)
-    num_params = count_params(spec, stage)
+    num_params = count_params(spec, stage) if estimate else None
     states = None
     if num_params is not None:
         states = model_states_bytes(num_params, stage.precision, spec.deepspeed.zero_stage, world)
@@ -156,9 +160,11 @@ def plan_stage(spec: JobSpec, index: int, local: bool, num_train_samples: int | 
     )
 
 
-def plan_job(spec: JobSpec, local: bool, sample_counts: dict[str, int] | None = None) -> list[StagePlan]:
+def plan_job(
+    spec: JobSpec, local: bool, sample_counts: dict[str, int] | None = None, estimate: bool = True
+) -> list[StagePlan]:
     counts = sample_counts or {}
-    return [plan_stage(spec, i, local, counts.get(stage.name)) for i, stage in enumerate(spec.stages)]
+    return [plan_stage(spec, i, local, counts.get(stage.name), estimate) for i, stage in enumerate(spec.stages)]
 
 
 def render_plan(spec: JobSpec, plans: list[StagePlan], local: bool) -> str:
