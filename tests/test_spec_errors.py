@@ -41,6 +41,7 @@ BAD_OVERRIDES = [
     (["stages.0.data.train=[]", "stages.0.data.sources=[{path: a.txt, weight: 0}]"], "stages.0.data.sources.0.weight:"),
     (["stages.1.data.train=[]", "stages.1.data.sources=[{path: a.csv, weight: 1}]"], "stages.1.data.sources: mixtures"),
     (["stages.0.data.document_mask=true"], "stages.0.data.document_mask: only for task clm"),
+    (["stages.0.data.group_by_length=true"], "stages.0.data.group_by_length: only for classification"),
     (["stages.0.model.path=/nonexistent/model"], "stages.0.model.path:"),
     (["stages.0.max_steps=null"], "stages.0.max_steps:"),
     (["stages.0.optim.lr.peak=1"], "stages.0.optim.lr.peak:"),

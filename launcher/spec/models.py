@@ -179,12 +179,14 @@ class DataSpec(Section):
         "mask, positions restarting per document; the first token of a later document is not a target). Costs "
         "a batch x seq_len^2 mask per step and the model's masked (not fused causal) attention path.",
     )
-    group_by_length: bool | None = Field(
-        default=None,
+    group_by_length: bool = Field(
+        default=False,
         description="classification: batch documents of similar length together (HF's group_by_length): runs "
         "of 50 global batches of the shuffled order are sorted by length, cut into batches again and visited in a "
-        "shuffled order, so little of each batch is padding. Default: on for classification. Packed mlm/clm "
-        "blocks all have seq_len tokens: not for them.",
+        "shuffled order, so little of each batch is padding (Rotten Tomatoes reviews: 56% of a random batch's "
+        "tokens are real, ~98% grouped). Off by default, as in HF: it kept the MiniLM job's accuracy but cost the "
+        "demo's recipe (a small pre-trained model, lr 5e-4) 4 points (0.7615 -> 0.7205). Packed mlm/clm blocks "
+        "all have seq_len tokens: not for them.",
     )
     max_document_bytes: PositiveInt = Field(
         default=16 << 20,

@@ -246,7 +246,7 @@ class Classification(Task):
         return DocumentDataset(TokenStore.read(data_dir, split))
 
     def sample_lengths(self, dataset: Any) -> np.ndarray | None:
-        return dataset.store.doc_lengths() if self.stage.data.group_by_length is not False else None
+        return dataset.store.doc_lengths() if self.stage.data.group_by_length else None
 
     def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         ids, mask = _pad([s["input_ids"] for s in samples], self.pad_id)
