@@ -8,6 +8,7 @@ invocation on this machine, as one table (what, ours, theirs, ratio, target):
               under torchrun (benchmarks/ray_vs_torchrun.py): steady tokens/s, seconds from command to the
               end of the first step, and the launcher's MFU against this machine's measured matmul peak.
 Runners alternate inside each comparison; figures are medians over --repeat runs (accuracy: the mean).
+On a CPU the MFU's peak is a matmul timed at each worker's start-up, so it moves with the load then.
 The full run (3 repeats) takes about an hour on 2 cores; --quick (1 repeat, fewer steps) about 10 minutes.
 """
 
@@ -22,6 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import finetune_vs_trainer
 import ray_vs_torchrun
+
+
+def number(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
 
 
 def median(rows: list[dict], key: str) -> float:
@@ -56,9 +61,11 @@ def main() -> None:
     if "trainer+group" in ft:
         rows.insert(1, ("fine-tune tokens/s (vs Trainer+group)", rows[0][1],
                         median(ft["trainer+group"], "tokens_per_s"), "(for reference)"))  # fmt: skip
+    start_gap = median(pt["launcher"], "first") - median(pt["raw"], "first")
+    rows[-1] = (*rows[-1][:3], f"<= raw + 10 s (now raw {start_gap:+.1f} s)")
     print(f"\n{'what':<40} {'ours':>10} {'theirs':>10} {'ratio':>7}  target")
     for what, ours, theirs, target in rows:
-        print(f"{what:<40} {ours:10.4g} {theirs:10.4g} {ours / theirs:7.3f}  {target}")
+        print(f"{what:<40} {number(ours):>10} {number(theirs):>10} {ours / theirs:7.3f}  {target}")
     if mfu:
         print(f"{'pre-train MFU (measured CPU matmul peak)':<40} {statistics.median(mfu):10.2%} {'':>10} {'':>7}  "
               "report (GPU target: >= 40% at 350M on an H200)")  # fmt: skip
