@@ -9,7 +9,7 @@ invocation on this machine, as one table (what, ours, theirs, ratio, target):
               end of the first step, and the launcher's MFU against this machine's measured matmul peak.
 Runners alternate inside each comparison; figures are medians over --repeat runs (accuracy: the mean).
 On a CPU the MFU's peak is a matmul timed at each worker's start-up, so it moves with the load then.
-The full run (3 repeats) takes about an hour on 2 cores; --quick (1 repeat, fewer steps) about 10 minutes.
+The full run (3 repeats) takes about 40 minutes on 2 cores; --quick (1 repeat, fewer steps) about 4.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def median(rows: list[dict], key: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 repeat, fewer steps: about 10 minutes on 2 cores")
+    parser.add_argument("--quick", action="store_true", help="1 repeat, fewer steps: about 4 minutes on 2 cores")
     parser.add_argument("--repeat", type=int, default=None, help="runs per runner (default 3; 1 with --quick)")
     args = parser.parse_args()
     repeat = args.repeat or (1 if args.quick else 3)
