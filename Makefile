@@ -45,6 +45,13 @@ lint: setup
 clean:
 	rm -rf runs data .pytest_cache
 
+# Speed against what users run instead (HF Trainer, raw DeepSpeed): one table, ~40 min; `BENCH_ARGS=--quick` ~4 min.
+BENCH_ARGS ?=
+
+.PHONY: bench
+bench: data
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
 # Data-preparation benchmark: `make bench-data BENCH_DATA_ARGS="--mb 1000"`. It installs the optional Debian
 # corpora when missing (needs root; without them the benchmark runs on the PyPI corpora alone and says so).
 BENCH_DATA_DEBS := fortunes fortunes-min wordnet-base dict-gcide
