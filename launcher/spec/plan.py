@@ -126,7 +126,7 @@ def count_params(spec: JobSpec, stage: StageSpec) -> int | None:
 
     model, directory = _architecture(spec, stage)
     if directory is not None and not (directory / "config.json").is_file():
-        return None  # a directory without a config.json to read (e.g. a model not yet downloaded)
+        return None  # not an HF model folder: nothing to count (the run itself reports it)
     return count_parameters(stage, model, directory, _vocab_size(spec, stage))
 
 
