@@ -50,10 +50,10 @@ def bench_deps() -> Path:
     return DEPS
 
 
-def run_trainer(args: argparse.Namespace, seed: int, group: bool, env: dict[str, str]) -> dict:
+def run_trainer(steps: int, seed: int, group: bool, env: dict[str, str]) -> dict:
     command = [
         sys.executable, str(ROOT / "benchmarks" / "hf_trainer_finetune.py"), str(MODEL), str(TRAIN), str(TEST),
-        "--steps", str(args.steps), "--batch", "16", "--lr", "5e-5", "--warmup", "20", "--max-length", "64",
+        "--steps", str(steps), "--batch", "16", "--lr", "5e-5", "--warmup", "20", "--max-length", "64",
         "--seed", str(seed), *(["--group-by-length"] if group else []),
     ]  # fmt: skip
     env = {**env, "PYTHONPATH": str(bench_deps())}
@@ -64,14 +64,14 @@ def run_trainer(args: argparse.Namespace, seed: int, group: bool, env: dict[str,
     return {"tokens_per_s": row["tokens_per_s"], "accuracy": row["accuracy"]}
 
 
-def run_launcher(args: argparse.Namespace, seed: int, out: Path, env: dict[str, str], ray: bool) -> dict:
+def run_launcher(steps: int, seed: int, out: Path, env: dict[str, str], ray: bool) -> dict:
     stage = out / "finetune-minilm-rt" / "finetune"
     for name in ("checkpoints", "model", "tensorboard"):
         subprocess.run(["rm", "-rf", str(stage / name)], check=True)
     for name in ("summary.json", "metrics.jsonl", "../summary.json"):
         (stage / name).unlink(missing_ok=True)
     overrides = [
-        f"output_dir={out}", f"seed={seed}", f"stages.0.max_steps={args.steps}", "stages.0.optim.lr=5e-5",
+        f"output_dir={out}", f"seed={seed}", f"stages.0.max_steps={steps}", "stages.0.optim.lr=5e-5",
         "stages.0.schedule.warmup_steps=20", "stages.0.checkpoint_every=0", "stages.0.log_every=50",
         "stages.0.batch.grad_accum_steps=1",
         *(["cluster.num_workers=2", "stages.0.batch.micro_batch_size=8"] if ray else
@@ -90,17 +90,16 @@ def measure(steps: int, repeat: int, ray: bool = False, group: bool = True) -> d
     for path in (MODEL, TRAIN, TEST):
         if not path.exists():
             raise SystemExit(f"{path} is missing: run `make data` first")
-    args = argparse.Namespace(steps=steps)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "", "TOKENIZERS_PARALLELISM": "false"}
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="launcher-bench-ft-") as tmp:
         out = Path(tmp)
-        runners = {"trainer": lambda seed: run_trainer(args, seed, False, env)}
+        runners = {"trainer": lambda seed: run_trainer(steps, seed, False, env)}
         if group:
-            runners["trainer+group"] = lambda seed: run_trainer(args, seed, True, env)
-        runners["launcher"] = lambda seed: run_launcher(args, seed, out, env, ray=False)
+            runners["trainer+group"] = lambda seed: run_trainer(steps, seed, True, env)
+        runners["launcher"] = lambda seed: run_launcher(steps, seed, out, env, ray=False)
         if ray:
-            runners["launcher-ray"] = lambda seed: run_launcher(args, seed, out, env, ray=True)
+            runners["launcher-ray"] = lambda seed: run_launcher(steps, seed, out, env, ray=True)
         for seed in range(repeat):
             for name, runner in runners.items():
                 row = runner(seed)

@@ -88,7 +88,8 @@ def _slurm(spec, args: argparse.Namespace) -> int:  # noqa: ANN001
     from launcher.spec.plan import plan_job
 
     # Check the batch arithmetic for the worker count the allocation will give, before submitting.
-    plan_job(load_spec(args.spec, [*args.overrides, f"cluster.num_workers={workers_for(spec)}"]), False, estimate=False)
+    at_scale = load_spec(args.spec, [*args.overrides, f"cluster.num_workers={workers_for(spec)}"])
+    plan_job(at_scale, local=False, estimate=False)
     script = render_sbatch(spec, args.spec, args.overrides)
     print(submit(spec, script) if args.submit else script, end="" if not args.submit else "\n")
     return 0
