@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from launcher.errors import UserError
+from launcher.errors import RunError, UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def _slurm(spec, args: argparse.Namespace) -> int:  # noqa: ANN001

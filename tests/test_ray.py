@@ -128,6 +128,14 @@ def test_zero_stage_trains_and_exports_the_consolidated_weights(zero_runs, zero:
         assert torch.equal(tensor, consolidated[name].to(tensor.dtype)), f"{name} differs"
     registered = json.loads((pretrain / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
     assert registered, "checkpoints went through ray.train.report"
+    # Committed after both ranks' uploads: the manifest lists every rank's shard, and they verify.
+    from launcher.checkpoints import read_meta, verify
+
+    final = pretrain / "checkpoints" / f"step_{summary['steps']:08d}"
+    manifest = read_meta(final)
+    assert manifest is not None and verify(final) is None
+    for rank in (0, 1) if zero else ():
+        assert any(name.startswith(f"zero_pp_rank_{rank}_") for name in manifest["files"]), manifest["files"]
 
 
 @pytest.mark.parametrize("zero", [0, 2])

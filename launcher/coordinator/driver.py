@@ -11,6 +11,14 @@ from collections.abc import Callable
 from typing import Any
 
 from launcher import atomic
+from launcher.checkpoints import (
+    convert_to_universal,
+    latest_checkpoint,
+    needs_universal,
+    read_meta,
+    resume_problem,
+    run_meta,
+)
 from launcher.data.prepare import JobRunner, PreparedStage, prepare_job, run_jobs_locally
 from launcher.errors import UserError
 from launcher.spec import layout
@@ -65,19 +73,11 @@ def completed_summary(spec: JobSpec, plan: StagePlan) -> dict[str, Any] | None:
 
 def check_resumable(spec: JobSpec, index: int, plan: StagePlan) -> None:
     """Refuse, before any worker starts, a resume that the stage's last checkpoint cannot support."""
-    from launcher.worker.checkpoint import (
-        convert_to_universal,
-        latest_checkpoint,
-        needs_universal,
-        read_meta,
-        resume_problem,
-        run_meta,
-    )  # fmt: skip
-
     latest = latest_checkpoint(layout.checkpoints_dir(spec, plan.name))
     if latest is None:
         return
     saved = read_meta(latest)
+    assert saved is not None, f"{latest} verified, so it has a manifest"
     now = run_meta(plan.world_size, plan.global_batch_size, plan.zero_stage, spec.stages[index].precision)
     problem = resume_problem(saved, now)
     if problem is not None:

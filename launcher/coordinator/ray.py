@@ -92,7 +92,8 @@ def run_stage_ray(
             name="checkpoints",
             storage_path=str(layout.stage_dir(spec, stage.name).resolve()),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints),
+            # Rank 0 prunes after its commit: only committed checkpoints count toward the kept ones.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
     )
     trainer.fit()
@@ -101,10 +102,11 @@ def run_stage_ray(
     if isinstance(summary, dict) and summary["steps"] >= plan_data["steps"]:
         return summary
     # Finished without a summary: rank 0 stopped on request after a checkpoint.
-    from launcher.worker.checkpoint import latest_checkpoint, read_meta
+    from launcher.checkpoints import latest_checkpoint, read_meta
 
     latest = latest_checkpoint(layout.checkpoints_dir(spec, stage.name))
-    return {"stage": stage.name, "steps": 0 if latest is None else read_meta(latest)["step"], "stopped": True}
+    saved = None if latest is None else read_meta(latest)
+    return {"stage": stage.name, "steps": 0 if saved is None else saved["step"], "stopped": True}
 
 
 def cluster_address(spec: JobSpec) -> str | None:

@@ -25,9 +25,18 @@ class RankContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def shared_checkpoint_root(self) -> bool:
+        """Every rank writes into the same folder (`checkpoint_root`), so rank 0 alone hashes it."""
+        return True
+
     def restore_dir(self, checkpoints: Path) -> Path | None:
-        """The checkpoint folder (`checkpoints/step_N`) to resume from, if any: the newest complete one."""
-        from launcher.worker.checkpoint import latest_checkpoint
+        """The checkpoint folder (`checkpoints/step_N`) to resume from, if any: the newest that verifies.
+
+        The same rule on every backend: under Ray the storage is this folder too, and a checkpoint
+        that Ray registered but rank 0 never committed is not one.
+        """
+        from launcher.checkpoints import latest_checkpoint
 
         return latest_checkpoint(checkpoints)
 
@@ -36,19 +45,15 @@ class RankContext:
         return checkpoints
 
     def report(self, metrics: dict[str, float], checkpoint: Path) -> None:
-        """Tell the coordinator a checkpoint folder is complete; a single process has nobody to tell."""
+        """Hand this rank's checkpoint files to the coordinator (written in place: nothing to do)."""
 
 
 class RayRankContext(RankContext):
     """A Ray Train worker: checkpoints go through `ray.train.report` into the run's storage."""
 
-    def restore_dir(self, checkpoints: Path) -> Path | None:
-        import ray.train
-
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:  # Ray registered none: take one written in place (e.g. by `--local`)
-            return super().restore_dir(checkpoints)
-        return Path(checkpoint.path)
+    @property
+    def shared_checkpoint_root(self) -> bool:
+        return False
 
     def checkpoint_root(self, checkpoints: Path) -> Path:
         import tempfile

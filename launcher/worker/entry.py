@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from launcher import atomic
+from launcher.checkpoints import UNIVERSAL, needs_universal, read_meta, resume_problem, run_meta
 from launcher.data.tokenizer import load_tokenizer
 from launcher.errors import UserError
 from launcher.metrics import MetricsWriter, NullWriter, flops_per_token, json_safe, peak_flops
@@ -24,15 +25,7 @@ from launcher.spec.deepspeed_config import build_deepspeed_config
 from launcher.spec.load import parse_spec
 from launcher.spec.plan import StagePlan
 from launcher.tasks import build_task
-from launcher.worker.checkpoint import (
-    UNIVERSAL,
-    export_model,
-    load_checkpoint,
-    needs_universal,
-    read_meta,
-    resume_problem,
-    run_meta,
-)
+from launcher.worker.checkpoint import export_model, load_checkpoint
 from launcher.worker.context import RankContext
 from launcher.worker.engine import build_engine
 from launcher.worker.loop import Loop, TrainState
@@ -72,6 +65,7 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
     universal = False
     if restore is not None:
         saved = read_meta(restore)
+        assert saved is not None, f"{restore} verified, so it has a manifest"
         problem = resume_problem(saved, meta)
         if problem is not None:  # the driver checks first; this guards checkpoints that appeared since
             raise UserError(f"stages.{index}: {problem}")

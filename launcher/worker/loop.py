@@ -202,11 +202,10 @@ class Loop:
                 self.writer.progress(state.step, scalars)
             checkpoint_due = (stage.checkpoint_every and state.step % stage.checkpoint_every == 0) or done
             if checkpoint_due or stop:
-                path = save_checkpoint(
-                    self.engine, self.ctx.checkpoint_root(self.checkpoints), state.step,
-                    {"train_state": asdict(state)}, self.checkpoint_meta, stage.keep_checkpoints, self.ctx.is_main,
+                save_checkpoint(
+                    self.engine, self.ctx, self.checkpoints, state.step, {"train_state": asdict(state)},
+                    self.checkpoint_meta, stage.keep_checkpoints, {"step": state.step, "train_loss": train_loss},
                 )  # fmt: skip
-                self.ctx.report({"step": state.step, "train_loss": train_loss}, path)
             window_start += time.perf_counter() - paused
             if stop and not done:
                 if self.ctx.is_main:

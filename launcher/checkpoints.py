@@ -1,0 +1,188 @@
+"""Checkpoint rules, torch-free: what makes `checkpoints/step_N/` committed, verified, resumable, kept.
+
+A checkpoint folder counts only once its manifest (`launcher.json`) is in it. Rank 0 writes the
+manifest last, after every rank's files are in place (under Ray: after every rank's upload), and it
+lists each file's size and sha256 with the step and the run's shape. A folder without a manifest
+(a crash mid-save), or whose files do not match it (a flipped byte, a truncated shard), is skipped
+with a one-line warning, and the newest one that verifies is used instead. The digests are checked
+before DeepSpeed unpickles anything. The driver uses these rules without importing torch; the
+DeepSpeed save and load live in `launcher.worker.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from launcher import atomic
+from launcher.errors import UserError
+
+TAG_PREFIX = "step_"
+META_FILE = "launcher.json"  # the manifest, written last by rank 0: its presence commits the folder
+UNIVERSAL = "universal"  # subfolder of a checkpoint: its DeepSpeed universal copy (other worker counts)
+_CHUNK = 1 << 20
+
+_verified: dict[tuple[Any, ...], str | None] = {}  # (folder, files' stat) -> problem; hashing once per process
+_warned: set[str] = set()
+
+
+def tag_for(step: int) -> str:
+    return f"{TAG_PREFIX}{step:08d}"
+
+
+def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file under `folder`, by path relative to it."""
+    return {
+        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+        for path in sorted(p for p in folder.rglob("*") if p.is_file())
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def commit(folder: Path, step: int, meta: dict[str, Any], files: dict[str, dict[str, Any]]) -> None:
+    """Write the manifest into `folder` once every listed file is there at its size (rank 0, last)."""
+    for name, entry in files.items():
+        path = folder / name
+        size = path.stat().st_size if path.is_file() else None
+        assert size == entry["size"], f"{path}: {size} bytes in storage, {entry['size']} written"
+    atomic.write_json(folder / META_FILE, {"step": step, **meta, "files": files})
+
+
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    """The manifest, or None when the folder is not committed (absent, torn or from an older format)."""
+    meta = atomic.read_json(folder / META_FILE)
+    return meta if isinstance(meta, dict) and isinstance(meta.get("files"), dict) and "step" in meta else None
+
+
+def verify(folder: Path) -> str | None:
+    """Why `folder` is not a checkpoint to load (None: committed, and every file matches its digest)."""
+    meta = read_meta(folder)
+    if meta is None:
+        return "no manifest (an interrupted save)"
+    files = meta["files"]
+    stats = []
+    for name in sorted(files):
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        stat = path.stat()
+        stats.append((name, stat.st_size, stat.st_mtime_ns))
+    key = (str(folder.resolve()), (folder / META_FILE).stat().st_mtime_ns, tuple(stats))
+    if key not in _verified:
+        _verified[key] = _check_files(folder, files)
+    return _verified[key]
+
+
+def _check_files(folder: Path, files: dict[str, dict[str, Any]]) -> str | None:
+    for name, entry in sorted(files.items()):
+        path = folder / name
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
+        if _sha256(path) != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest (corrupted)"
+    return None
+
+
+def _folders(checkpoints: Path) -> list[Path]:
+    if not checkpoints.is_dir():
+        return []
+    return sorted((p for p in checkpoints.glob(f"{TAG_PREFIX}*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint under `checkpoints/` that is committed and verifies; newer ones that do not
+    are skipped with a one-line warning (once per process)."""
+    for folder in _folders(checkpoints):
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        if str(folder) not in _warned:
+            _warned.add(str(folder))
+            print(f"warning: checkpoint {folder}: {problem}; skipped, trying an older one", file=sys.stderr, flush=True)
+    return None
+
+
+def prune(checkpoints: Path, keep: int) -> None:
+    """Keep the newest `keep` committed checkpoints; remove older ones and uncommitted leftovers older
+    than the newest committed one (a folder newer than it may still be being written)."""
+    committed = [f for f in _folders(checkpoints) if read_meta(f) is not None]
+    if not committed:
+        return
+    for folder in _folders(checkpoints):
+        stale = folder not in committed[:keep] if folder in committed else folder.name < committed[0].name
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def needs_universal(saved: dict[str, Any], now: dict[str, Any]) -> bool:
+    """ZeRO-1/2 shards of another worker count load only through DeepSpeed's universal format."""
+    return saved["world_size"] != now["world_size"] and now["zero_stage"] in (1, 2)
+
+
+def convert_to_universal(path: Path) -> Path:
+    """Write DeepSpeed's universal (world-size independent) copy of a checkpoint into `path/universal`.
+
+    Runs DeepSpeed's own converter in a subprocess (the driver never imports DeepSpeed); the copy
+    is written beside and renamed into place, so an interrupted conversion is simply redone.
+    """
+    out = path / UNIVERSAL
+    if (out / "zero").is_dir():
+        return out
+    partial = path / f"{UNIVERSAL}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    command = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+        "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1",
+        "--inject_missing_state",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"{path}: DeepSpeed could not convert this checkpoint to its universal format: {last}")
+    for states in path.glob("mp_rank_*_model_states.pt"):  # weights, scheduler and client state
+        shutil.copy2(states, partial / states.name)
+    os.replace(partial, out)
+    return out
+
+
+def run_meta(world_size: int, global_batch_size: int, zero_stage: int, precision: str) -> dict[str, Any]:
+    """What a checkpoint records about the run that wrote it (besides its step and files)."""
+    return {
+        "world_size": world_size, "global_batch_size": global_batch_size, "zero_stage": zero_stage,
+        "precision": precision,
+    }  # fmt: skip
+
+
+def resume_problem(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """Why a checkpoint (its manifest) cannot resume under the run described by `now` (None: it can)."""
+    at = f"the checkpoint at step {saved['step']}"
+    if saved["global_batch_size"] != now["global_batch_size"]:
+        return (
+            f"{at} was trained with global batch {saved['global_batch_size']}, this run has "
+            f"{now['global_batch_size']}; keep micro x accumulation x workers equal (e.g. set "
+            f"batch.global_batch_size={saved['global_batch_size']}) or use another output_dir"
+        )
+    for key, field in (("zero_stage", "deepspeed.zero_stage"), ("precision", "the stage's precision")):
+        if saved[key] != now[key]:
+            return (
+                f"{at} was written with {key} {saved[key]}, this run has {now[key]}"
+                f"; set {field} back or use a new output_dir"
+            )
+    if saved["world_size"] != now["world_size"] and now["zero_stage"] == 3:  # no universal copy for ZeRO-3 yet
+        return (
+            f"{at} holds ZeRO-3 shards of {saved['world_size']} workers and this run has {now['world_size']}; "
+            f"ZeRO-3 resumes only on the same worker count (set cluster.num_workers={saved['world_size']})"
+        )
+    return None
