@@ -146,7 +146,8 @@ def small_disk(tmp_path: Path):
     """A 64 MiB tmpfs (CI runs as root); unmounted whatever the test does."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True, check=False)
+    command = ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)]
+    made = subprocess.run(command, capture_output=True, check=False)
     if made.returncode != 0:
         pytest.fail(f"mounting a tmpfs needs root: {made.stderr.decode().strip()}")
     try:
