@@ -173,3 +173,89 @@ def test_a_full_disk_during_a_save_is_one_clear_error_and_keeps_the_older_checkp
     (small_disk / "filler").unlink()
     assert_ok(run_cli("run", TINY, *PRETRAIN, f"output_dir={small_disk}"))
     assert _resumed_from(small_disk) == 6
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> Path:
+    """The tiny job run to the end: `pretrain/model` (a BERT MLM export) and `finetune/model` (a classifier)."""
+    out = tmp_path_factory.mktemp("exports")
+    assert_ok(run_cli("run", TINY, "--local", f"output_dir={out}"))
+    return out / "tiny"
+
+
+def _bad_start(tmp_path: Path, exports: Path, change) -> Path:
+    start = tmp_path / "start"
+    shutil.copytree(exports / "pretrain" / "model", start)
+    change(start)
+    return start
+
+
+def _truncate(folder: Path) -> None:
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+
+
+MINILM = str(ROOT / "data" / "models" / "all-minilm-l6-v2")
+BAD_STARTS = [  # (what is wrong with the export, overrides of the fine-tuning stage, the message)
+    (_truncate, [], "stages.1.init_from: {start}: model.safetensors holds"),
+    (lambda f: (f / "model.safetensors").unlink(), [], "stages.1.init_from: {start} holds no weights"),
+    (lambda f: (f / "config.json").write_text("{"), [], "{start}/config.json' is not a valid JSON file"),
+    (None, ["stages.1.data.seq_len=100"], "stages.1.data.seq_len: 100 exceeds the 64 positions"),
+    (None, [f"stages.1.tokenizer.source={MINILM}"], "stages.1.tokenizer.source: its vocabulary has 30522 tokens"),
+    ("classifier", ["stages.1.data.labels=[rotten, fresh, other]"], "stages.1.data.labels: 3 labels, but the model"),
+]
+
+
+@pytest.mark.parametrize(("change", "overrides", "message"), BAD_STARTS, ids=[m[:40] for _, _, m in BAD_STARTS])
+def test_a_start_model_that_cannot_work_is_refused_before_any_worker(
+    tmp_path: Path, exports: Path, change, overrides: list[str], message: str, capsys
+) -> None:
+    from launcher.cli import main
+
+    if change == "classifier":
+        start = exports / "finetune" / "model"
+    else:
+        start = _bad_start(tmp_path, exports, change or (lambda f: None))
+    out = tmp_path / "out"
+    code = main(["run", TINY, "--local", "--stage", "finetune", f"output_dir={out}", f"stages.1.init_from={start}",
+                 "stages.1.max_steps=2", *overrides])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert message.format(start=start) in err, err[-3000:]
+    assert "Traceback" not in err
+    assert not (out / "tiny" / "finetune" / "checkpoints").exists(), "refused before the stage started"
+
+
+def test_an_output_dir_that_cannot_be_written_is_a_user_error(tmp_path: Path, capsys) -> None:
+    from launcher.cli import main
+
+    (tmp_path / "file").write_text("not a folder")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)], check=False)
+    assert made.returncode == 0, "mounting a tmpfs needs root (CI runs as root)"
+    try:
+        for output_dir in (tmp_path / "file", tmp_path / "file" / "below", read_only):
+            code = main(["run", TINY, "--local", f"output_dir={output_dir}"])
+            err = capsys.readouterr().err
+            assert code == 2 and err.startswith(f"error: output_dir: cannot write {output_dir}/tiny"), err[-2000:]
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)], check=False)
+    assert (tmp_path / "file").read_text() == "not a folder"
+
+
+def test_torn_job_marker_and_prepared_meta_are_rewritten_with_a_warning(tmp_path: Path, exports: Path) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(exports.parent, out)
+    (out / "tiny" / "job.json").write_text("")
+    (out / "tiny" / "finetune" / "data" / "meta.json").write_text('{"fingerp')
+    (out / "tiny" / "finetune" / "summary.json").write_text("")
+    with (out / "tiny" / "finetune" / "metrics.jsonl").open("a") as stream:
+        stream.write('{"step": 5, "train/lo')  # a line torn by a crash
+    result = run_cli("run", TINY, "--local", f"output_dir={out}")
+    assert_ok(result)
+    for torn in ("job.json is unreadable", "meta.json is unreadable", "summary.json is unreadable",
+                 "metrics.jsonl: 1 unreadable line(s) dropped"):  # fmt: skip
+        assert torn in result.stderr, result.stderr[-3000:]
+    assert json.loads((out / "tiny" / "job.json").read_text())["name"] == "tiny"
+    assert json.loads((out / "tiny" / "finetune" / "summary.json").read_text())["steps"] == 4

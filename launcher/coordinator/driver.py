@@ -6,7 +6,6 @@ checkpoint. The backend (local process or Ray) only runs one stage's ranks.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +18,7 @@ from launcher.checkpoints import (
     resume_problem,
     run_meta,
 )
+from launcher.coordinator.start_check import check_start
 from launcher.data.prepare import JobRunner, PreparedStage, prepare_job, run_jobs_locally
 from launcher.errors import UserError
 from launcher.spec import layout
@@ -30,25 +30,24 @@ StageRunner = Callable[[dict[str, Any], int, dict[str, Any]], dict[str, Any]]
 
 
 def claim_job_dir(spec: JobSpec) -> None:
-    """Refuse an output folder that holds another job's run; record ours."""
+    """Refuse an output folder that holds another job's run, or that cannot be written; record ours."""
     root = layout.job_dir(spec)
     marker = root / "job.json"
     identity = {"name": spec.name, "stages": [[s.name, s.task] for s in spec.stages]}
     if marker.exists():
-        try:
-            recorded = json.loads(marker.read_text())
-        except ValueError:
-            recorded = None
-        if recorded != identity:
+        recorded = atomic.read_json(marker, if_torn="taken as this job's (a crash mid-write); written again")
+        if recorded is not None and recorded != identity:
             raise UserError(
                 f"output_dir: {root} holds another job's run ({marker} differs: {recorded}); "
                 "use another output_dir or name"
             )
-    elif root.exists() and any(root.iterdir()):
+    elif root.is_dir() and any(root.iterdir()):
         raise UserError(f"output_dir: {root} is not empty and holds no launcher run; use another output_dir or name")
-    else:
+    try:
         root.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(marker, identity)
+        atomic.write_json(marker, identity)  # also proves the folder is writable
+    except OSError as exc:
+        raise UserError(f"output_dir: cannot write {root}: {exc.strerror or exc}") from None
 
 
 def resolve(
@@ -67,7 +66,7 @@ def completed_summary(spec: JobSpec, plan: StagePlan) -> dict[str, Any] | None:
     path = layout.summary_path(spec, plan.name)
     if not path.exists():
         return None
-    summary = atomic.read_json(path)  # torn (a crash mid-write): not complete, the stage resumes
+    summary = atomic.read_json(path, if_torn="the stage is not complete; it resumes from its last checkpoint")
     return summary if isinstance(summary, dict) and summary.get("steps", 0) >= (plan.steps or 0) else None
 
 
@@ -140,7 +139,7 @@ def run_job(
         for name in stage_dependencies(spec, selected):
             if not layout.summary_path(spec, name).exists():  # written only when a stage completes
                 raise UserError(f"--stage: {only} reads stage {name!r}, which has not completed; run it first")
-    _, plans = resolve(spec, local, only=only, run_jobs=run_jobs)
+    prepared, plans = resolve(spec, local, only=only, run_jobs=run_jobs)
     spec_data = spec.model_dump(mode="json")
     summaries = []
     for index, plan in enumerate(plans):
@@ -151,6 +150,7 @@ def run_job(
             print(f"stage {plan.name}: already complete ({done['steps']} steps), skipped", flush=True)
             summaries.append(done)
             continue
+        check_start(spec, index, prepared[plan.name].vocab_size)  # an earlier stage's export exists by now
         check_resumable(spec, index, plan)
         layout.stage_dir(spec, plan.name).mkdir(parents=True, exist_ok=True)
         print(

@@ -101,7 +101,7 @@ def fingerprint(spec: JobSpec, stage: StageSpec) -> str:
 
 
 def read_meta(spec: JobSpec, stage: StageSpec) -> dict | None:
-    meta = atomic.read_json(layout.data_dir(spec, stage.name) / META_FILE)
+    meta = atomic.read_json(layout.data_dir(spec, stage.name) / META_FILE, if_torn="the data is prepared again")
     return meta if isinstance(meta, dict) and "fingerprint" in meta else None
 
 

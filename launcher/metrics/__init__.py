@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from launcher import atomic
+
 # Dense peak FLOP/s per GPU (bf16/fp16 tensor cores, fp32 without TF32) from vendor data sheets; None where
 # the GPU has no such arithmetic (V100: no bf16). Matched against whole words of the device name.
 GPU_PEAK_FLOPS: dict[str, dict[str, float | None]] = {
@@ -84,6 +86,23 @@ def flops_per_token(model: torch.nn.Module, seq_len: int, head_fraction: float =
     return 6 * (total - sum(lookups.values()) + head_fraction * head) + 12 * layers * hidden * seq_len
 
 
+def _records(path: Path) -> list[str]:
+    """The lines of a metrics.jsonl that parse; a line torn by a crash mid-write is dropped."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    good = []
+    for line in lines:
+        try:
+            if isinstance(json.loads(line).get("step"), int):
+                good.append(line)
+        except (ValueError, AttributeError):
+            pass
+    if len(good) < len(lines):
+        print(f"warning: {path}: {len(lines) - len(good)} unreadable line(s) dropped", file=sys.stderr, flush=True)
+    return good
+
+
 class NullWriter:
     """What ranks other than 0 get."""
 
@@ -107,10 +126,8 @@ class MetricsWriter(NullWriter):
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl_path = stage_dir / "metrics.jsonl"
-        kept: list[str] = []
-        if self.jsonl_path.exists():
-            kept = [line for line in self.jsonl_path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
-        self.jsonl_path.write_text("".join(line + "\n" for line in kept))
+        kept = [line for line in _records(self.jsonl_path) if json.loads(line)["step"] <= start_step]
+        atomic.write_text(self.jsonl_path, "".join(line + "\n" for line in kept))
         self.jsonl = self.jsonl_path.open("a")
         self.tb = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
         self.stage_name = stage_name

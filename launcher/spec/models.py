@@ -287,6 +287,8 @@ class StageSpec(Section):
             raise ValueError("data.group_by_length: only for classification (packed blocks all have seq_len tokens)")
         if self.task == "classification" and self.data.sources:
             raise ValueError("data.sources: mixtures are for pre-training (mlm, clm); use data.train")
+        if self.task in ("mlm", "clm") and self.data.seq_len < 2:
+            raise ValueError(f"data.seq_len: task {self.task} needs blocks of at least 2 tokens")
         if self.task == "mlm" and self.model.family != "bert":
             raise ValueError("model.family: task mlm needs the bert family")
         if self.data.seq_len > self.model.max_position_embeddings and self.model.path is None:
