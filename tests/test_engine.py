@@ -36,7 +36,7 @@ model = transformers.BertForSequenceClassification(config)
 reference = transformers.BertForSequenceClassification(config)
 reference.load_state_dict(model.state_dict())
 ctx = local_context(use_gpu=False)
-engine = build_engine(model, build_deepspeed_config(spec.deepspeed, stage, plan), stage, plan.steps, ctx.device)
+engine = build_engine(model, build_deepspeed_config(spec.deepspeed, stage, plan), stage, plan.steps, ctx.device, 60)
 ds_calls = []
 original = engine.allreduce_gradients
 engine.allreduce_gradients = lambda *a, **k: (ds_calls.append(1), original(*a, **k))[1]

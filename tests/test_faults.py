@@ -259,3 +259,23 @@ def test_torn_job_marker_and_prepared_meta_are_rewritten_with_a_warning(tmp_path
         assert torn in result.stderr, result.stderr[-3000:]
     assert json.loads((out / "tiny" / "job.json").read_text())["name"] == "tiny"
     assert json.loads((out / "tiny" / "finetune" / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_loss_that_is_not_finite_stops_the_stage_naming_the_step(tmp_path: Path) -> None:
+    result = run_cli("run", TINY, *PRETRAIN, f"output_dir={tmp_path}", "stages.0.optim.lr=1e30")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: stage pretrain: the training loss is nan at step 3" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    checkpoints = tmp_path / "tiny" / "pretrain" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step_00000002"], "the last good checkpoint is kept"
+    assert rules.verify(checkpoints / "step_00000002") is None
+
+
+def test_a_rank_that_hangs_inside_a_step_is_ended_naming_it(tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = run_cli("run", TINY, *PRETRAIN, f"output_dir={tmp_path}", "cluster.step_timeout_s=5",
+                     env={"LAUNCHER_HANG_AT_STEP": "0:3"}, timeout=300)  # fmt: skip
+    assert result.returncode == 70, result.stderr[-3000:]
+    assert "rank 0 made no progress for" in result.stderr and "after step 2 (cluster.step_timeout_s=5)" in result.stderr
+    assert "in _run" in result.stderr, "the stack of the hung thread is shown"
+    assert time.monotonic() - started < 120

@@ -320,3 +320,21 @@ def test_ray_job_submit_runs_the_tiny_job(head: RayHead, tmp_path) -> None:
         assert summary["world_size"] == 2
         assert (out / "tiny" / stage / "model" / "model.safetensors").is_file()
     assert json.loads((out / "tiny" / "pretrain" / "summary.json").read_text())["steps"] == 4
+
+
+def test_a_hung_worker_and_a_non_finite_loss_end_the_stage_with_one_line(head: RayHead, tmp_path) -> None:
+    """Rank 1 sleeps inside step 3: its watchdog ends it within cluster.step_timeout_s and the driver names it
+    (rank 0 waits in the step's all-reduce meanwhile); a NaN loss is the same one line as in debug mode."""
+    from launcher.worker.loop import HANG_AT_STEP_ENV
+
+    args = [*TINY, *PRETRAIN, "cluster.max_failures=0", "cluster.step_timeout_s=10", "cluster.collective_timeout_s=60"]
+    started = time.monotonic()
+    hung = run_cli("run", *args, f"output_dir={tmp_path / 'hung'}", env=on(head, **{HANG_AT_STEP_ENV: "1:3"}))
+    assert hung.returncode == 1, hung.stderr[-3000:]
+    assert time.monotonic() - started < 180
+    last = hung.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage pretrain: rank 1 made no progress for") and "after step 2" in last, last
+    diverged = run_cli("run", *args, "stages.0.optim.lr=1e30", f"output_dir={tmp_path / 'nan'}", env=on(head))
+    assert diverged.returncode == 1, diverged.stderr[-3000:]
+    last = diverged.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage pretrain: the training loss is nan at step"), diverged.stderr[-3000:]

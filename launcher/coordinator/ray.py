@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher import atomic
-from launcher.errors import UserError
+from launcher.errors import RunError, UserError
 from launcher.spec import layout
 from launcher.spec.load import parse_spec
 from launcher.spec.models import JobSpec
@@ -30,7 +30,7 @@ from launcher.spec.models import JobSpec
 # Variables the workers need from the driver's environment (never secrets).
 _FORWARDED_ENV = (
     "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR", "LAUNCHER_STOP_AFTER_STEP",
-    "LAUNCHER_STOP_FILE", "LAUNCHER_TRACE_SAMPLES",
+    "LAUNCHER_STOP_FILE", "LAUNCHER_TRACE_SAMPLES", "LAUNCHER_HANG_AT_STEP",
 )  # fmt: skip
 
 
@@ -76,6 +76,8 @@ def run_stage_ray(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
+    from launcher.worker.watchdog import watchdog_note
+
     spec = parse_spec(spec_data)
     stage, cluster = spec.stages[index], spec.cluster
     resources: dict[str, float] = {"CPU": cluster.cpus_per_worker}
@@ -84,7 +86,7 @@ def run_stage_ray(
     trainer = trainer_class(private)(
         _train_worker,
         train_loop_config={"spec": spec_data, "index": index, "plan": plan_data, "cwd": os.getcwd()},
-        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo", timeout_s=cluster.collective_timeout_s),
         scaling_config=ScalingConfig(
             num_workers=plan_data["world_size"], use_gpu=cluster.use_gpu, resources_per_worker=resources
         ),
@@ -96,7 +98,18 @@ def run_stage_ray(
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
     )
-    trainer.fit()
+    note = watchdog_note(layout.stage_dir(spec, stage.name))
+    note.unlink(missing_ok=True)
+    try:
+        trainer.fit()
+    except Exception as exc:  # a user or run error inside the workers: the same one line as in debug mode
+        known = _known_error(exc)
+        hung = atomic.read_json(note)
+        if known is None and isinstance(hung, dict):
+            known = RunError(f"{hung['message']}; the stage failed (cluster.max_failures={cluster.max_failures})")
+        if known is None:
+            raise
+        raise known from None
     summary_path = layout.summary_path(spec, stage.name)
     summary = atomic.read_json(summary_path)
     if isinstance(summary, dict) and summary["steps"] >= plan_data["steps"]:
@@ -107,6 +120,26 @@ def run_stage_ray(
     latest = latest_checkpoint(layout.checkpoints_dir(spec, stage.name))
     saved = None if latest is None else read_meta(latest)
     return {"stage": stage.name, "steps": 0 if saved is None else saved["step"], "stopped": True}
+
+
+def _known_error(exc: BaseException) -> UserError | RunError | None:
+    """The first `UserError`/`RunError` a worker raised, found in what Ray Train wraps it in."""
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, (UserError, RunError)):
+            return type(current)(str(current))
+        failures = getattr(current, "worker_failures", None)  # ray.train.WorkerGroupError: rank -> exception
+        if isinstance(failures, dict):
+            pending.extend(f for _, f in sorted(failures.items()) if isinstance(f, BaseException))
+        for inner in (getattr(current, "cause", None), current.__cause__, current.__context__):
+            if isinstance(inner, BaseException):
+                pending.append(inner)
+    return None
 
 
 def cluster_address(spec: JobSpec) -> str | None:

@@ -36,6 +36,17 @@ class ClusterSpec(Section):
         description="Ray cluster address to join; RAY_ADDRESS wins; neither starts a private Ray for the command.",
     )
     max_failures: int = Field(default=1, ge=0, description="Worker failures a stage survives (Ray restarts it).")
+    collective_timeout_s: PositiveInt = Field(
+        default=300,
+        description="Seconds a collective (all-reduce, barrier) waits for the other ranks before the stage fails "
+        "(torch's default is 30 minutes); raise it if saving a checkpoint or the export takes longer.",
+    )
+    step_timeout_s: PositiveInt | None = Field(
+        default=900,
+        description="Seconds a rank may go without progress (a training step, an eval batch, a checkpoint) before "
+        "it is ended with a message naming it and its last step; Ray then restarts the stage from its last "
+        "committed checkpoint while max_failures allows. null: no watchdog.",
+    )
     slurm: SlurmSpec = Field(default_factory=lambda: SlurmSpec(), description="Allocation for `launcher slurm`.")
 
 

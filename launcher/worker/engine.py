@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -27,8 +28,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], stage: StageSpec, total_steps: int, device):  # noqa: ANN001, ANN201
-    """Initialise distributed (gloo on CPU, nccl on GPU) and wrap the model in a DeepSpeed engine."""
+def build_engine(  # noqa: ANN201
+    model: torch.nn.Module,
+    ds_config: dict[str, Any],
+    stage: StageSpec,
+    total_steps: int,
+    device: torch.device,
+    collective_timeout_s: float,
+):
+    """Initialise distributed (gloo on CPU, nccl on GPU) and wrap the model in a DeepSpeed engine.
+
+    Under Ray Train the process group exists already (`TorchConfig(timeout_s=...)` set its timeout).
+    """
     select_accelerator(device)
     import deepspeed
     from deepspeed.utils import logger as ds_logger
@@ -37,7 +48,9 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], stage: Stage
     ds_logger.setLevel(logging.WARNING)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=collective_timeout_s)
+    )
 
     def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         return get_scheduler(

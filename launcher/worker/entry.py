@@ -29,6 +29,7 @@ from launcher.worker.checkpoint import export_model, load_checkpoint
 from launcher.worker.context import RankContext
 from launcher.worker.engine import build_engine
 from launcher.worker.loop import Loop, TrainState
+from launcher.worker.watchdog import StepWatchdog, watchdog_note
 
 
 def init_path(spec: Any, stage: Any) -> Path | None:
@@ -74,7 +75,7 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
             if not (restore / UNIVERSAL).is_dir():
                 raise UserError(f"stages.{index}: {restore} has no universal copy yet; run the same command again")
             ds_config["checkpoint"] = {"load_universal": True}
-    engine = build_engine(model, ds_config, stage, plan.steps, ctx.device)
+    engine = build_engine(model, ds_config, stage, plan.steps, ctx.device, spec.cluster.collective_timeout_s)
 
     state = TrainState()
     if restore is not None:
@@ -93,10 +94,15 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
         flops_per_token=fpt, peak_flops=peak,
         checkpoint_meta=meta,
     )  # fmt: skip
+    stopped = False
     if state.step < plan.steps:
-        state, stopped = loop.run(state)
-    else:
-        stopped = False
+        timeout, note = spec.cluster.step_timeout_s, watchdog_note(stage_dir)
+        loop.watchdog = None if timeout is None else StepWatchdog(timeout, ctx.rank, stage.name, note)
+        try:
+            state, stopped = loop.run(state)
+        finally:
+            if loop.watchdog is not None:
+                loop.watchdog.stop()
     writer.close()
     summary: dict[str, Any] = {
         "stage": stage.name,

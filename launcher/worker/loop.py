@@ -21,18 +21,21 @@ import numpy as np
 import torch
 
 from launcher.data.sampler import StepSampler
+from launcher.errors import RunError
 from launcher.metrics import NullWriter
 from launcher.spec.models import StageSpec
 from launcher.spec.plan import StagePlan
 from launcher.tasks import EvalSums, Task
 from launcher.worker.checkpoint import save_checkpoint
 from launcher.worker.context import RankContext
+from launcher.worker.watchdog import StepWatchdog
 
 Batch = dict[str, torch.Tensor]
 STOP_FILE = "STOP"
 STOP_AFTER_STEP_ENV = "LAUNCHER_STOP_AFTER_STEP"
 STOP_FILE_ENV = "LAUNCHER_STOP_FILE"  # another stop file, for whoever started the run (e.g. on SIGUSR1)
 TRACE_SAMPLES_ENV = "LAUNCHER_TRACE_SAMPLES"  # a folder: each rank appends the sample ids it trains on
+HANG_AT_STEP_ENV = "LAUNCHER_HANG_AT_STEP"  # test hook, "RANK:STEP": that rank sleeps inside that step for good
 
 
 @dataclass
@@ -66,6 +69,7 @@ class Loop:
     flops_per_token: float
     peak_flops: float
     checkpoint_meta: dict[str, Any]
+    watchdog: StepWatchdog | None = None  # told of every step, eval batch and checkpoint
 
     def _batch(self, dataset: Any, indices: list[int], generator: torch.Generator) -> tuple[Batch, int]:
         """The collated micro-batch on the device, and its real tokens (counted on the host: no device sync)."""
@@ -92,6 +96,10 @@ class Loop:
         job_stop = os.environ.get(STOP_FILE_ENV)  # set by the SLURM template: preemption is near
         return bool(job_stop) and Path(job_stop).exists()
 
+    def _beat(self, step: int | None = None) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(self.watchdog.step if step is None else step)
+
     def _grad_norm(self) -> float | None:
         """Pre-clipping global norm; ZeRO-0 in fp32 does not record one, so compute it."""
         if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
@@ -114,6 +122,7 @@ class Loop:
                 generator = torch.Generator().manual_seed(step_seed(self.seed, b, self.ctx.rank, purpose=2))
                 batch, _ = self._batch(self.eval_set, indices or [0], generator)
                 outputs = self.engine(**batch)
+                self._beat()
                 if indices:
                     part = self.task.eval_sums(outputs, batch)
                     sums.loss_sum, sums.count, sums.correct = (
@@ -148,6 +157,8 @@ class Loop:
         window_losses: list[float] = []
         window_tokens, window_start = 0, time.perf_counter()
         session_start, wall_before = time.perf_counter(), state.wall_s
+        hang_at = os.environ.get(HANG_AT_STEP_ENV)
+        self._beat(state.step)
         while state.step < self.plan.steps:
             step = state.step
             if trace is not None:
@@ -155,6 +166,8 @@ class Loop:
                 trace.write(json.dumps({"step": step, "samples": samples}) + "\n")
             done = step + 1 == self.plan.steps
             logged = (step + 1) % stage.log_every == 0 or done or step == 0  # step 1: a sign of life
+            if hang_at == f"{self.ctx.rank}:{step + 1}":
+                time.sleep(10**9)
             loss_sum: torch.Tensor | float = 0.0  # stays on the device: no host sync per micro-batch
             tokens, grad_norm = 0, None
             for micro, indices in enumerate(sampler.micro_batches(step)):
@@ -171,8 +184,14 @@ class Loop:
                 tokens += batch_tokens
             loss_sum, tokens, stop = self._all_reduce([loss_sum, float(tokens), float(self._stop_requested(step + 1))])
             state.step = step + 1
+            self._beat(state.step)
             state.tokens += int(tokens)
             train_loss = loss_sum / (self.plan.grad_accum_steps * self.ctx.world_size)
+            if not math.isfinite(train_loss):  # every rank sees the same sum: all stop here, nothing saved
+                raise RunError(
+                    f"stage {stage.name}: the training loss is {train_loss} at step {state.step}; stopped without "
+                    "saving (the last committed checkpoint is kept). Lower optim.lr or raise the warmup."
+                )
             window_losses.append(train_loss)
             window_tokens += int(tokens)
             state.wall_s = wall_before + time.perf_counter() - session_start
@@ -206,6 +225,7 @@ class Loop:
                     self.engine, self.ctx, self.checkpoints, state.step, {"train_state": asdict(state)},
                     self.checkpoint_meta, stage.keep_checkpoints, {"step": state.step, "train_loss": train_loss},
                 )  # fmt: skip
+            self._beat()
             window_start += time.perf_counter() - paused
             if stop and not done:
                 if self.ctx.is_main:
