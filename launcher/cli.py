@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides += extra
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from launcher.coordinator.signals import Interrupted
+
     try:
         from launcher.spec.load import load_spec
 
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except Interrupted as exc:  # a second SIGTERM/SIGINT: stopped at once, cleaned up
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 def _slurm(spec, args: argparse.Namespace) -> int:  # noqa: ANN001

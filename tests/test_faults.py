@@ -279,3 +279,65 @@ def test_a_rank_that_hangs_inside_a_step_is_ended_naming_it(tmp_path: Path) -> N
     assert "rank 0 made no progress for" in result.stderr and "after step 2 (cluster.step_timeout_s=5)" in result.stderr
     assert "in _run" in result.stderr, "the stack of the hung thread is shown"
     assert time.monotonic() - started < 120
+
+
+# Big enough (about 0.3 s a step on 2 cores) for a signal to land mid-run.
+SLOW = ["stages.0.max_steps=40", "stages.0.model.hidden_size=128", "stages.0.data.seq_len=64",
+        "stages.0.batch.micro_batch_size=32", "stages.0.checkpoint_every=100"]  # fmt: skip
+
+
+def _start(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", **(env or {})}
+    return subprocess.Popen(command, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= step:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} never came (exit {proc.poll()})")
+
+
+@pytest.mark.parametrize("signum", [15, 2], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_checkpoints_and_stops_and_the_rerun_resumes(tmp_path: Path, signum: int) -> None:
+    command = [sys.executable, "-m", "launcher", "run", TINY, *PRETRAIN, *SLOW, f"output_dir={tmp_path}"]
+    proc = _start(command)
+    try:
+        _wait_for_step(tmp_path / "tiny" / "pretrain" / "metrics.jsonl", 3, proc)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopping after a checkpoint" in err and "Traceback" not in err
+    checkpoints = tmp_path / "tiny" / "pretrain" / "checkpoints"
+    latest = rules.latest_checkpoint(checkpoints)
+    assert latest is not None, "checkpointed before stopping"
+    stopped_at = rules.read_meta(latest)["step"]
+    assert 3 <= stopped_at < 40
+    assert not (tmp_path / "tiny" / "pretrain" / "STOP").exists()
+    resumed = run_cli("run", TINY, *PRETRAIN, *SLOW, f"output_dir={tmp_path}")
+    assert_ok(resumed)
+    summary = json.loads((tmp_path / "tiny" / "pretrain" / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["resumed_from_step"] == stopped_at
+
+
+def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "launcher", "run", TINY, *PRETRAIN, *SLOW, f"output_dir={tmp_path}"]
+    proc = _start(command)
+    try:
+        _wait_for_step(tmp_path / "tiny" / "pretrain" / "metrics.jsonl", 2, proc)
+        proc.send_signal(2)
+        time.sleep(0.01)
+        proc.send_signal(15)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + 15, err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        "error: stopped at once by SIGTERM; re-run to resume from the last checkpoint"
+    ), err[-3000:]

@@ -3,14 +3,17 @@ shared by this module (started with free ports, ended by PID), or on a private R
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +99,11 @@ def test_private_ray_trainer_has_no_placement_group_cleaner() -> None:
 
     assert callbacks(private=True) == callbacks(private=False) - {"PlacementGroupCleanerCallback"}
     assert "PlacementGroupCleanerCallback" in callbacks(private=False)
+    # fit() would replace the launcher's SIGINT handler with Ray Train's (abort without a checkpoint).
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    assert hasattr(DataParallelTrainer, "_register_sigint_handler"), "Ray Train renamed it (checked with 2.60.0)"
+    assert trainer_class(False)._register_sigint_handler is not DataParallelTrainer._register_sigint_handler
 
 
 def _consolidated(checkpoint: Path, zero_stage: int) -> dict:
@@ -338,3 +346,88 @@ def test_a_hung_worker_and_a_non_finite_loss_end_the_stage_with_one_line(head: R
     assert diverged.returncode == 1, diverged.stderr[-3000:]
     last = diverged.stderr.strip().splitlines()[-1]
     assert last.startswith("error: stage pretrain: the training loss is nan at step"), diverged.stderr[-3000:]
+
+
+def _listening(processes: list) -> list[tuple[str, int, str]]:
+    import psutil
+
+    found = []
+    for process in processes:
+        try:
+            for conn in process.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    found.append((conn.laddr.ip, conn.laddr.port, process.name()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def test_private_ray_listens_on_loopback_and_sigterm_checkpoints_and_leaves_nothing(tmp_path) -> None:
+    """A private Ray (this command's own): while the stage trains, every listening socket of the command's process
+    tree is on loopback except torch's rendezvous store (rank 0's MASTER_PORT: torch has no bind address);
+    SIGTERM then checkpoints, stops (exit 75) and leaves no process, /dev/shm file or temp folder; the re-run
+    resumes from that checkpoint."""
+    import psutil
+
+    from launcher import checkpoints as rules
+
+    temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: Ray's socket paths go below it
+    shm_before = set(os.listdir("/dev/shm"))
+    args = [*FAULT, *PRETRAIN, "stages.0.checkpoint_every=100", f"output_dir={tmp_path}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "RAY_ADDRESS": "", "TMPDIR": str(temp)}
+    command = [sys.executable, "-m", "launcher", "run", *args]
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen: dict[int, psutil.Process] = {}
+    try:
+        metrics = tmp_path / "tiny" / "pretrain" / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if metrics.exists() and metrics.read_text().count("\n") >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        seen = {p.pid: p for p in tree}
+        sockets = _listening(tree)
+        assert len(sockets) > 5, sockets  # GCS, raylet, workers, agents: the audit saw the cluster
+        exposed = [s for s in sockets if not _loopback(s[0])]
+        # torch's store: held by a rank, and every rank is its client (Ray sets MASTER_PORT after start-up).
+        clients = Counter()
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                clients.update(c.raddr.port for c in process.net_connections(kind="inet") if c.raddr)
+        store = [s for s in exposed if s[2] == "ray::RayTrainWorker" and clients[s[1]] >= 2]
+        assert len(store) <= 1 and [s for s in exposed if s not in store] == [], f"beyond loopback: {exposed}"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    try:
+        assert proc.returncode == 75, err[-4000:]
+        _, alive = psutil.wait_procs(list(seen.values()), timeout=20)
+        assert alive == [], f"left running: {[p.name() for p in alive]}"
+        assert sorted(os.listdir(temp)) == [], "the private Ray's folder is removed"
+        assert set(os.listdir("/dev/shm")) - shm_before == set()
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    latest = rules.latest_checkpoint(tmp_path / "tiny" / "pretrain" / "checkpoints")
+    assert latest is not None
+    stopped_at = rules.read_meta(latest)["step"]
+    assert 3 <= stopped_at < 60 and rules.read_meta(latest)["world_size"] == 2
+    temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
+    try:
+        resumed = run_cli("run", *args, env={"RAY_ADDRESS": "", "TMPDIR": str(temp)})
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert_ok(resumed)
+    summary = json.loads((tmp_path / "tiny" / "pretrain" / "summary.json").read_text())
+    assert summary["steps"] == 60 and summary["resumed_from_step"] == stopped_at

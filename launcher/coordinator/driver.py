@@ -6,6 +6,7 @@ checkpoint. The backend (local process or Ray) only runs one stage's ranks.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from launcher.checkpoints import (
     resume_problem,
     run_meta,
 )
+from launcher.coordinator.signals import Interrupted, StopOnSignal
 from launcher.coordinator.start_check import check_start
 from launcher.data.prepare import JobRunner, PreparedStage, prepare_job, run_jobs_locally
 from launcher.errors import UserError
@@ -134,40 +136,84 @@ def run_job(
 
     Data preparation tasks (a cache miss) go through `run_jobs`."""
     selected = select_stage(spec, only)
-    claim_job_dir(spec)
-    if selected is not None:
-        for name in stage_dependencies(spec, selected):
-            if not layout.summary_path(spec, name).exists():  # written only when a stage completes
-                raise UserError(f"--stage: {only} reads stage {name!r}, which has not completed; run it first")
-    prepared, plans = resolve(spec, local, only=only, run_jobs=run_jobs)
-    spec_data = spec.model_dump(mode="json")
-    summaries = []
-    for index, plan in enumerate(plans):
-        if selected is not None and index != selected:
-            continue
-        done = completed_summary(spec, plan)
-        if done is not None:
-            print(f"stage {plan.name}: already complete ({done['steps']} steps), skipped", flush=True)
-            summaries.append(done)
-            continue
-        check_start(spec, index, prepared[plan.name].vocab_size)  # an earlier stage's export exists by now
-        check_resumable(spec, index, plan)
-        layout.stage_dir(spec, plan.name).mkdir(parents=True, exist_ok=True)
-        print(
-            f"stage {plan.name}: {plan.steps} steps, global batch {plan.global_batch_size}, world size "
-            f"{plan.world_size}; tensorboard --logdir {layout.stage_dir(spec, plan.name) / 'tensorboard'}",
-            flush=True,
-        )
-        summary = run_stage(spec_data, index, plan_as_dict(plan))
-        if summary.get("stopped"):
-            print(f"stage {plan.name}: stopped at step {summary['steps']} after a checkpoint; re-run to resume")
-            return EXIT_STOPPED
-        summaries.append(summary)
+    with StopOnSignal() as signals:
+        try:
+            summaries = _run_stages(spec, local, run_stage, selected, run_jobs, signals)
+        except KeyboardInterrupt:
+            raise Interrupted(signals.signum or signal.SIGINT) from None
+    if summaries is None:
+        return EXIT_STOPPED
     if selected is None:
         job_summary = {"job": spec.name, "stages": summaries}
         atomic.write_json(layout.job_dir(spec) / "summary.json", job_summary)
     print(render_results(spec, summaries, "job" if selected is None else f"stage {only} of job"))
     return 0
+
+
+def _run_stages(
+    spec: JobSpec,
+    local: bool,
+    run_stage: StageRunner,
+    selected: int | None,
+    run_jobs: JobRunner,
+    signals: StopOnSignal,
+) -> list[dict[str, Any]] | None:
+    """The stages' summaries, or None when a stage stopped on request (or a signal came between stages)."""
+    claim_job_dir(spec)
+    if selected is not None:
+        for name in stage_dependencies(spec, selected):
+            if not layout.summary_path(spec, name).exists():  # written only when a stage completes
+                raise UserError(
+                    f"--stage: {spec.stages[selected].name} reads stage {name!r}, which has not completed; run it first"
+                )
+    prepared, plans = resolve(
+        spec, local, only=None if selected is None else spec.stages[selected].name, run_jobs=run_jobs
+    )
+    spec_data = spec.model_dump(mode="json")
+    summaries = []
+    for index, plan in enumerate(plans):
+        if selected is not None and index != selected:
+            continue
+        if signals.signum is not None:
+            print(f"stopped before stage {plan.name}; re-run to go on", flush=True)
+            return None
+        summary = _run_one(spec, spec_data, index, plan, prepared, run_stage, signals)
+        if summary.get("stopped"):
+            print(f"stage {plan.name}: stopped at step {summary['steps']} after a checkpoint; re-run to resume")
+            return None
+        summaries.append(summary)
+    return summaries
+
+
+def _run_one(
+    spec: JobSpec,
+    spec_data: dict[str, Any],
+    index: int,
+    plan: StagePlan,
+    prepared: dict[str, PreparedStage],
+    run_stage: StageRunner,
+    signals: StopOnSignal,
+) -> dict[str, Any]:
+    """Stage `index`: skipped when complete; else checked, then run through `run_stage`."""
+    done = completed_summary(spec, plan)
+    if done is not None:
+        print(f"stage {plan.name}: already complete ({done['steps']} steps), skipped", flush=True)
+        return done
+    check_start(spec, index, prepared[plan.name].vocab_size)  # an earlier stage's export exists by now
+    check_resumable(spec, index, plan)
+    stage_dir = layout.stage_dir(spec, plan.name)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    print(
+        f"stage {plan.name}: {plan.steps} steps, global batch {plan.global_batch_size}, world size "
+        f"{plan.world_size}; tensorboard --logdir {stage_dir / 'tensorboard'}",
+        flush=True,
+    )
+    signals.watch(stage_dir / layout.STOP_FILE)
+    try:
+        return run_stage(spec_data, index, plan_as_dict(plan))
+    finally:
+        signals.watch(None)
+        (stage_dir / layout.STOP_FILE).unlink(missing_ok=True)  # asked for after the stage's last step: not needed
 
 
 def render_results(spec: JobSpec, summaries: list[dict[str, Any]], what: str = "job") -> str:

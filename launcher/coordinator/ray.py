@@ -3,11 +3,11 @@
 Joins the cluster named by RAY_ADDRESS (or `cluster.address`); with neither, starts a private Ray
 for this command (no dashboard; token auth with a token of its own; sessions, logs and temp files
 in a 0700 folder of its own, kept only when the run fails) and shuts it down afterwards.
-Ray binds that private cluster to the node's routable address, not loopback (it rewrites
-127.0.0.1 itself), hence the token. Each worker calls the same per-rank
-entry as `--local`; checkpoints are reported to Ray (`RunConfig(storage_path=<stage dir>,
-name="checkpoints")`), so a restarted worker group, or a re-run of the command, resumes from the
-last registered checkpoint.
+That private cluster listens on loopback only (`bind_to_loopback`) and needs the token too.
+Each worker calls the same per-rank entry as `--local`; checkpoints are reported to Ray
+(`RunConfig(storage_path=<stage dir>, name="checkpoints")`) and committed by rank 0 once every
+rank's upload is in, so a restarted worker group, or a re-run of the command, resumes from the
+last committed checkpoint.
 """
 
 from __future__ import annotations
@@ -46,23 +46,27 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 
 def trainer_class(private: bool) -> type:
-    """`TorchTrainer`; on a private cluster, without Ray Train's placement-group cleaner.
+    """`TorchTrainer` that leaves SIGINT to the launcher; on a private cluster, without the placement-group cleaner.
 
-    The cleaner is a detached actor that asks the dashboard's state API every second whether the
-    Train controller is still alive, to free its placement group should it die in a long-lived
-    cluster. A private cluster ends with this command, so it would only take CPU (and the
-    dashboard it needs) from the workers. With another Ray layout, Ray's defaults are kept.
+    `fit()` installs Ray Train's own SIGINT handler (abort the run, no checkpoint) over the driver's;
+    the launcher's handler checkpoints and stops instead (`launcher.coordinator.signals`). The
+    placement-group cleaner is a detached actor that asks the dashboard's state API every second
+    whether the Train controller is still alive, to free its placement group should it die in a
+    long-lived cluster. A private cluster ends with this command, so it would only take CPU (and
+    the dashboard it needs) from the workers. Both are private hooks of Ray Train (checked with the
+    pinned 2.60.0 by tests/test_ray.py, which fails loudly if they move).
     """
     from ray.train.torch import TorchTrainer
 
-    if not private:
-        return TorchTrainer
-    try:
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    except ImportError:
-        return TorchTrainer
+    class LauncherTrainer(TorchTrainer):
+        def _register_sigint_handler(self, controller: Any) -> None:
+            pass  # keep the launcher's handler
 
-    class PrivateClusterTrainer(TorchTrainer):
+    if not private:
+        return LauncherTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class PrivateClusterTrainer(LauncherTrainer):
         def _create_default_callbacks(self) -> list[Any]:
             callbacks = super()._create_default_callbacks()
             return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
@@ -98,6 +102,9 @@ def run_stage_ray(
             checkpoint_config=CheckpointConfig(num_to_keep=None),
         ),
     )
+    # Ray Train's own hang detection: its barriers (every `ray.train.report`) give up after this long.
+    # Read from the driver's environment; Ray hands it to its controller and workers.
+    os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = str(cluster.collective_timeout_s)
     note = watchdog_note(layout.stage_dir(spec, stage.name))
     note.unlink(missing_ok=True)
     try:
@@ -165,6 +172,7 @@ def prepare_on_cluster(spec: JobSpec, address: str) -> None:
 
 def run_ray(spec: JobSpec, only: str | None = None) -> int:
     from launcher.coordinator.driver import EXIT_STOPPED, run_job
+    from launcher.coordinator.signals import Interrupted
     from launcher.data.prepare import run_jobs_locally, run_jobs_on_ray
 
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
@@ -180,7 +188,11 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
         # preemption-watcher actor (polling every 5 s) would only take CPU from the workers.
         # Ray Train hands this variable from the driver's environment to its controller.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets: loopback, like the rest
     import ray
+
+    if private is not None:
+        bind_to_loopback()
 
     keep_logs = True  # unless the run ends well, or on a user error (nothing of Ray's to look at)
     try:
@@ -202,13 +214,31 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
         code = run_job(spec, local=False, run_stage=stage_runner, only=only, run_jobs=run_jobs)
         keep_logs = code not in (0, EXIT_STOPPED)
         return code
-    except UserError:
+    except (UserError, Interrupted):  # nothing of Ray's to look at; stopped at once on request
         keep_logs = False
         raise
     finally:
         ray.shutdown()
         if private is not None:
             _remove_private(private, keep_logs)
+
+
+def bind_to_loopback() -> None:
+    """A private Ray on 127.0.0.1: its GCS, raylet, workers, agents and metrics endpoints listen on
+    loopback only, not on every interface.
+
+    Ray takes the loopback address as the node's only where it does not form clusters (its switch
+    for macOS and Windows, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`, read when `ray` is imported); with it,
+    every server Ray starts binds 127.0.0.1. The variable goes to Ray's processes, the module constant
+    to this one, whether or not `ray` was imported already (a private constant, checked with the pinned
+    2.60.0 by tests/test_ray.py). Only torch's rendezvous store of a stage (rank 0, `MASTER_PORT`) still
+    listens on all interfaces: torch offers no bind address for it.
+    """
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    assert hasattr(ray_constants, "ENABLE_RAY_CLUSTER"), "Ray renamed ENABLE_RAY_CLUSTER (checked with 2.60.0)"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _private_folder() -> Path:

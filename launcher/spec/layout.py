@@ -30,6 +30,9 @@ def tokenizer_dir(spec: JobSpec, stage_name: str) -> Path:
     return data_dir(spec, stage_name) / "tokenizer"
 
 
+STOP_FILE = "STOP"  # in a stage's folder: rank 0 stops the stage at the next step, after a checkpoint
+
+
 def checkpoints_dir(spec: JobSpec, stage_name: str) -> Path:
     return stage_dir(spec, stage_name) / "checkpoints"
 

@@ -23,6 +23,7 @@ import torch
 from launcher.data.sampler import StepSampler
 from launcher.errors import RunError
 from launcher.metrics import NullWriter
+from launcher.spec.layout import STOP_FILE
 from launcher.spec.models import StageSpec
 from launcher.spec.plan import StagePlan
 from launcher.tasks import EvalSums, Task
@@ -31,7 +32,6 @@ from launcher.worker.context import RankContext
 from launcher.worker.watchdog import StepWatchdog
 
 Batch = dict[str, torch.Tensor]
-STOP_FILE = "STOP"
 STOP_AFTER_STEP_ENV = "LAUNCHER_STOP_AFTER_STEP"
 STOP_FILE_ENV = "LAUNCHER_STOP_FILE"  # another stop file, for whoever started the run (e.g. on SIGUSR1)
 TRACE_SAMPLES_ENV = "LAUNCHER_TRACE_SAMPLES"  # a folder: each rank appends the sample ids it trains on
