@@ -4,15 +4,21 @@
 #
 # The body of slurm/pretrain.sh, slurm/finetune.sh and of scripts rendered by `launcher slurm`:
 #   1. find the head node (first host of the allocation) and its address, with an srun on it;
-#   2. derive Ray's ports from SLURM_JOB_ID, so jobs sharing nodes never collide; give each job and
-#      node its own Ray temp dir; create a per-job auth token readable only by the user;
+#   2. pick Ray's 100 ports: the first block in LAUNCHER_RAY_PORT_RANGE, from an offset derived from
+#      SLURM_JOB_ID, that is free on every node (probed), so jobs sharing nodes do not collide; give
+#      each job and node its own Ray temp dir; create a per-job auth token readable only by the user;
 #   3. start the Ray head (srun, first node) and one Ray worker per other node, then poll until
 #      every node has joined (error and exit 3 on timeout; no fixed sleeps);
 #   4. run `launcher run JOB.yaml ...` against that cluster with the worker count derived from the
 #      allocation (GPUs per node x nodes, or LAUNCHER_WORKERS_PER_NODE x nodes on CPUs);
 #   5. on SIGUSR1 (`#SBATCH --signal=B:USR1@<grace>`), or SIGTERM with LAUNCHER_REQUEUE_ON_TERM=1:
 #      ask the run to checkpoint and stop (a stop file the training loop polls every step), wait
-#      for it, then `scontrol requeue` the job; the requeued job resumes from that checkpoint;
+#      for it, then `scontrol requeue` the job; the requeued job resumes from that checkpoint.
+#      Preemption reaches this path where slurm.conf sends the job's --signal at preemption
+#      (`PreemptParameters=send_user_signal`; `SlurmctldParameters=preempt_send_user_signal` before
+#      23.02) with a GraceTime. A plain `scancel` cannot: srun answers
+#      its own SIGTERM by killing its step's tasks at once (SIGKILL); the next run resumes from the
+#      last committed checkpoint;
 #   6. stop everything it started, by PID.
 #
 # Environment knobs (all optional):
@@ -20,7 +26,9 @@
 #   LAUNCHER_VENV             virtualenv with launcher and ray (default: $LAUNCHER_HOME/.venv if present)
 #   CONTAINER_IMAGE           run every step in this image via pyxis (srun --container-image ...)
 #   LAUNCHER_STATE_DIR        per-job state (token, ports, stop file); default $LAUNCHER_HOME/.slurm-state
-#   LAUNCHER_RAY_PORT_BASE    first of the 100 ports this job uses (default: from SLURM_JOB_ID)
+#   LAUNCHER_RAY_PORT_RANGE   LOW-HIGH ports Ray may use, in blocks of 100 (default 20000-31999: below the
+#                             ephemeral range; the cluster admin sets it where other services need ports)
+#   LAUNCHER_RAY_PORT_BASE    first of the 100 ports this job uses (default: probed, see above)
 #   LAUNCHER_JOIN_TIMEOUT     seconds to wait for all nodes to join Ray (default 300)
 #   LAUNCHER_WORKERS_PER_NODE training workers per node without GPUs (default 1)
 #   LAUNCHER_REQUEUE_ON_TERM  1: treat SIGTERM (scancel) like SIGUSR1
@@ -81,7 +89,57 @@ stop_file="$state/STOP"
 rm -f "$stop_file"
 export LAUNCHER_STOP_FILE="$stop_file"
 
-base=${LAUNCHER_RAY_PORT_BASE:-$((20000 + (SLURM_JOB_ID % 400) * 100))}
+# 100 ports per job: the first block of LAUNCHER_RAY_PORT_RANGE, from this job's own offset, that no other
+# launcher job holds (a lock folder in the shared state dir: mkdir is atomic) and that is free on every node
+# (probed by binding each port: other users and services). Below Linux's ephemeral ports by default.
+ports_dir=${LAUNCHER_STATE_DIR:-$home/.slurm-state}/ports
+mkdir -p "$ports_dir"
+probe='import socket, sys
+base = int(sys.argv[1])
+for port in range(base, base + 100):
+    with socket.socket() as sock:
+        try:
+            sock.bind(("", port))
+        except OSError:
+            sys.exit(f"port {port} is in use on this node")'
+claim() { # claim BASE: take its lock, keep our own (a requeued job), or take over one whose job has ended
+	local lock="$ports_dir/$1" owner
+	mkdir "$lock" 2>/dev/null && echo "$SLURM_JOB_ID" >"$lock/job" && return 0
+	owner=$(cat "$lock/job" 2>/dev/null || true)
+	[[ "$owner" == "$SLURM_JOB_ID" ]] && return 0
+	if [[ -n "$owner" ]] && [[ -z "$(squeue -h -j "$owner" -o %T 2>/dev/null || true)" ]]; then
+		rm -rf "$lock"
+		mkdir "$lock" 2>/dev/null && echo "$SLURM_JOB_ID" >"$lock/job" && return 0
+	fi
+	return 1
+}
+release() { # release BASE: only our own lock
+	[[ "$(cat "$ports_dir/$1/job" 2>/dev/null || true)" == "$SLURM_JOB_ID" ]] && rm -rf "${ports_dir:?}/$1"
+	return 0
+}
+pick_base() {
+	local range=${LAUNCHER_RAY_PORT_RANGE:-20000-31999} low high slots try candidate
+	[[ "$range" =~ ^([0-9]+)-([0-9]+)$ ]] || die 2 "LAUNCHER_RAY_PORT_RANGE=$range: expected LOW-HIGH"
+	low=${BASH_REMATCH[1]} high=${BASH_REMATCH[2]}
+	slots=$(((high - low + 1) / 100))
+	((slots > 0 && high <= 65535)) || die 2 "LAUNCHER_RAY_PORT_RANGE=$range: needs 100 ports or more, at most 65535"
+	for ((try = 0; try < slots; try++)); do
+		candidate=$((low + ((SLURM_JOB_ID + try) % slots) * 100))
+		claim "$candidate" || continue
+		if step --nodes="$num_nodes" --ntasks="$num_nodes" --ntasks-per-node=1 python3 -c "$probe" "$candidate" \
+			>/dev/null 2>>"$state/ports.log"; then
+			echo "$candidate"
+			return 0
+		fi
+		release "$candidate"
+	done
+	die 3 "no block of 100 free ports in LAUNCHER_RAY_PORT_RANGE=$range on every node (see $state/ports.log)"
+}
+if [[ -n "${LAUNCHER_RAY_PORT_BASE:-}" ]]; then
+	base=$LAUNCHER_RAY_PORT_BASE
+else
+	base=$(pick_base) || exit 3
+fi
 gcs_port=$base
 ray_ports=(
 	--node-manager-port=$((base + 1)) --object-manager-port=$((base + 2))
@@ -124,14 +182,15 @@ cleanup() {
 		bash -c 'rm -rf "/tmp/ray-$SLURM_JOB_ID-$SLURMD_NODENAME"' 2>/dev/null || true
 	log "stopped Ray (pids ${pids[*]})"
 	if ((!requeue)); then
-		rm -rf "$state" # the token dies with the job; a requeued job keeps its state
+		rm -rf "$state" # the token dies with the job; a requeued job keeps its state (and ports)
+		release "$base"
 	fi
 }
 trap cleanup EXIT
 
-# shellcheck disable=SC2016  # expanded by the bash on each node, not here
 # Each node: its own temp dir (short: Ray's socket paths are length-limited), its CPUs and GPUs. TMPDIR
 # too, so what Ray's processes leave there (e.g. the dashboard's forkserver socket) goes with that dir.
+# shellcheck disable=SC2016  # expanded by the bash on each node, not here
 node_start='d="/tmp/ray-$SLURM_JOB_ID-$SLURMD_NODENAME"; mkdir -p "$d"; TMPDIR="$d" exec ray start --block --disable-usage-stats --temp-dir="$d" "$@"'
 step --nodes=1 --ntasks=1 -w "$head" bash -c "$node_start" ray-head --head --node-ip-address="$head_ip" \
 	"${head_ports[@]}" "${ray_ports[@]}" --dashboard-host=127.0.0.1 --num-cpus="$cpus_per_node" \

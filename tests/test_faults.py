@@ -87,6 +87,7 @@ def _resumed_from(out: Path) -> int:
     return summary["resumed_from_step"]
 
 
+@pytest.mark.slow  # a real run (the unit checks above stay in `make test-fast`)
 def test_a_flipped_byte_in_a_shard_is_refused_and_the_older_checkpoint_used(tmp_path: Path) -> None:
     checkpoints = _stopped_at_six(tmp_path)
     states = checkpoints / "step_00000006" / "mp_rank_00_model_states.pt"
@@ -115,6 +116,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # a real run (the unit checks above stay in `make test-fast`)
 def test_kill_9_during_a_save_resumes_from_the_previous_committed_checkpoint(tmp_path: Path) -> None:
     """SIGKILL after every file of step 6 is written, before its manifest: the next run resumes from 4."""
     command = [sys.executable, "-c", KILL_IN_COMMIT, "run", TINY, *PRETRAIN, f"output_dir={tmp_path}"]
@@ -156,6 +158,7 @@ def small_disk(tmp_path: Path):
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow  # a real run (the unit checks above stay in `make test-fast`)
 def test_a_full_disk_during_a_save_is_one_clear_error_and_keeps_the_older_checkpoints(small_disk: Path) -> None:
     checkpoints = _stopped_at_six(small_disk)
     free = shutil.disk_usage(small_disk).free
@@ -207,6 +210,7 @@ BAD_STARTS = [  # (what is wrong with the export, overrides of the fine-tuning s
 
 
 @pytest.mark.parametrize(("change", "overrides", "message"), BAD_STARTS, ids=[m[:40] for _, _, m in BAD_STARTS])
+@pytest.mark.slow  # a real run (the unit checks above stay in `make test-fast`)
 def test_a_start_model_that_cannot_work_is_refused_before_any_worker(
     tmp_path: Path, exports: Path, change, overrides: list[str], message: str, capsys
 ) -> None:
@@ -244,6 +248,7 @@ def test_an_output_dir_that_cannot_be_written_is_a_user_error(tmp_path: Path, ca
     assert (tmp_path / "file").read_text() == "not a folder"
 
 
+@pytest.mark.slow  # a real run (the unit checks above stay in `make test-fast`)
 def test_torn_job_marker_and_prepared_meta_are_rewritten_with_a_warning(tmp_path: Path, exports: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(exports.parent, out)
@@ -261,6 +266,7 @@ def test_torn_job_marker_and_prepared_meta_are_rewritten_with_a_warning(tmp_path
     assert json.loads((out / "tiny" / "finetune" / "summary.json").read_text())["steps"] == 4
 
 
+@pytest.mark.slow  # a real run (the unit checks above stay in `make test-fast`)
 def test_a_loss_that_is_not_finite_stops_the_stage_naming_the_step(tmp_path: Path) -> None:
     result = run_cli("run", TINY, *PRETRAIN, f"output_dir={tmp_path}", "stages.0.optim.lr=1e30")
     assert result.returncode == 1, result.stderr[-3000:]
@@ -271,6 +277,7 @@ def test_a_loss_that_is_not_finite_stops_the_stage_naming_the_step(tmp_path: Pat
     assert rules.verify(checkpoints / "step_00000002") is None
 
 
+@pytest.mark.slow  # a real run (the unit checks above stay in `make test-fast`)
 def test_a_rank_that_hangs_inside_a_step_is_ended_naming_it(tmp_path: Path) -> None:
     started = time.monotonic()
     result = run_cli("run", TINY, *PRETRAIN, f"output_dir={tmp_path}", "cluster.step_timeout_s=5",
@@ -301,6 +308,7 @@ def _wait_for_step(metrics: Path, step: int, proc: subprocess.Popen, timeout: fl
 
 
 @pytest.mark.parametrize("signum", [15, 2], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.slow  # a real run (the unit checks above stay in `make test-fast`)
 def test_a_signal_checkpoints_and_stops_and_the_rerun_resumes(tmp_path: Path, signum: int) -> None:
     command = [sys.executable, "-m", "launcher", "run", TINY, *PRETRAIN, *SLOW, f"output_dir={tmp_path}"]
     proc = _start(command)
@@ -325,13 +333,17 @@ def test_a_signal_checkpoints_and_stops_and_the_rerun_resumes(tmp_path: Path, si
     assert summary["steps"] == 40 and summary["resumed_from_step"] == stopped_at
 
 
+@pytest.mark.slow  # a real run (the unit checks above stay in `make test-fast`)
 def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    """...but not the same signal delivered twice within REPEAT_S (2 s). Step 4 hangs (a test hook), so the
+    first request cannot be honoured before the second one comes."""
     command = [sys.executable, "-m", "launcher", "run", TINY, *PRETRAIN, *SLOW, f"output_dir={tmp_path}"]
-    proc = _start(command)
+    proc = _start(command, env={"LAUNCHER_HANG_AT_STEP": "0:4"})
     try:
-        _wait_for_step(tmp_path / "tiny" / "pretrain" / "metrics.jsonl", 2, proc)
+        _wait_for_step(tmp_path / "tiny" / "pretrain" / "metrics.jsonl", 3, proc)
         proc.send_signal(2)
-        time.sleep(0.01)
+        proc.send_signal(2)  # the same request delivered twice at once (slurmd and srun both forward it)
+        time.sleep(2.5)
         proc.send_signal(15)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -7,6 +7,7 @@ checkpoint. The backend (local process or Ray) only runs one stage's ranks.
 from __future__ import annotations
 
 import signal
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -47,7 +48,9 @@ def claim_job_dir(spec: JobSpec) -> None:
         raise UserError(f"output_dir: {root} is not empty and holds no launcher run; use another output_dir or name")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(marker, identity)  # also proves the folder is writable
+        if atomic.read_json(marker) != identity:
+            atomic.write_json(marker, identity)
+        tempfile.TemporaryFile(dir=root).close()  # writable (also when the marker was there already)
     except OSError as exc:
         raise UserError(f"output_dir: cannot write {root}: {exc.strerror or exc}") from None
 

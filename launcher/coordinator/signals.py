@@ -3,8 +3,8 @@
 The first signal asks the running stage to stop, the way the stop file does: the driver writes the
 stage's `STOP` file, rank 0 sees it at the next step, every rank checkpoints, and the command exits
 75 after shutting Ray down and removing its private folder; the same command resumes. A second
-signal raises `KeyboardInterrupt` in the driver (Ray's blocking calls let it through promptly),
-which unwinds through the same cleanup and exits 128 + the signal number.
+signal (at least `REPEAT_S` later) raises `KeyboardInterrupt` in the driver (Ray's blocking calls
+let it through promptly), which unwinds through the same cleanup and exits 128 + the signal number.
 """
 
 from __future__ import annotations
@@ -12,11 +12,13 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REPEAT_S = 2.0  # a second signal sooner than this is the first one delivered again, not a second request
 
 
 class Interrupted(Exception):
@@ -32,6 +34,7 @@ class StopOnSignal:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.first = 0.0
         self.stop_file: Path | None = None
         self._previous: dict[int, Any] = {}
 
@@ -50,10 +53,13 @@ class StopOnSignal:
             stop_file.touch()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
         if self.signum is not None:
+            if now - self.first < REPEAT_S:
+                return  # the same request delivered twice (under SLURM: by slurmd and by srun)
             self.signum = signum
             raise KeyboardInterrupt
-        self.signum = signum
+        self.signum, self.first = signum, now
         name = signal.Signals(signum).name
         print(f"{name}: stopping after a checkpoint; send it again to stop at once", file=sys.stderr, flush=True)
         if self.stop_file is not None:

@@ -3,7 +3,7 @@
 #
 # A real SLURM cluster on this machine, for the cluster tests (needs root):
 #   up    installs Debian's slurm-wlm and munge when missing, starts munged (own socket and key),
-#         slurmctld, and two slurmd nodes, each in its own network namespace (own hostname and
+#         slurmctld (partitions `debug`, the default, and `urgent`, which preempts it), and two slurmd nodes, each in its own network namespace (own hostname and
 #         address on a private bridge), then waits until `sinfo` shows both nodes idle;
 #   env   prints the variables a client needs (SLURM_CONF=...);
 #   down  stops everything `up` started, by PID (and whatever jobs left in the node namespaces),
@@ -83,7 +83,14 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$dir/jobcomp.txt
 KillWait=10
 MinJobAge=300
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# Preemption as a site would set it up for checkpointing jobs: a job of a higher tier takes the nodes;
+# the preempted job gets its own --signal (preempt_send_user_signal; PreemptParameters=send_user_signal
+# from SLURM 23.02) and GraceTime seconds, then is requeued.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+SlurmctldParameters=preempt_send_user_signal
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
+PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
 	{
 		echo "127.0.0.1 localhost"

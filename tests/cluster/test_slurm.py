@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +36,10 @@ def slurm(tmp_path_factory) -> dict[str, str]:
         yield env
     finally:
         subprocess.run(["bash", str(SCRIPT), "down", str(state)], capture_output=True, text=True, check=False)
+
+
+def slurm_state(env: dict[str, str]) -> Path:
+    return Path(env["LAUNCHER_STATE_DIR"])
 
 
 def _sbatch(env: dict[str, str], *args: str) -> int:
@@ -69,12 +74,23 @@ def _tiny(out: Path, *extra: str) -> list[str]:
 
 def test_two_jobs_at_once_each_on_a_two_node_ray_cluster(slurm, tmp_path) -> None:
     """Both jobs run at the same time on the same two nodes (own ports, temp dirs and tokens), each
-    with a Ray cluster of two nodes with distinct addresses, and both nodes train."""
+    with a Ray cluster of two nodes with distinct addresses, and both nodes train. Their ports come from a
+    range of three blocks of 100 whose first block has a port taken on node2: each job takes a block of its
+    own, never that one."""
+    holder = subprocess.Popen(
+        ["nsenter", "--net=/run/netns/lslurm-node2", "python3", "-c",
+         "import socket, time; s = socket.socket(); s.bind(('', 24050)); s.listen(); time.sleep(600)"],
+    )  # fmt: skip
+    env = {**slurm, "LAUNCHER_RAY_PORT_RANGE": "24000-24299"}
     ids = []
-    for name in ("a", "b"):
-        ids.append(_sbatch(slurm, "-N", "2", "--cpus-per-task=1", f"--output={tmp_path}/{name}-%j.out",
-                           "slurm/pretrain.sh", *_tiny(tmp_path / name, "stages.0.max_steps=6")))  # fmt: skip
-    jobs = _wait_done(slurm, ids)
+    try:
+        for name in ("a", "b"):
+            ids.append(_sbatch(env, "-N", "2", "--cpus-per-task=1", f"--output={tmp_path}/{name}-%j.out",
+                               "slurm/pretrain.sh", *_tiny(tmp_path / name, "stages.0.max_steps=6")))  # fmt: skip
+        jobs = _wait_done(slurm, ids)
+    finally:
+        holder.kill()
+        holder.wait()
     logs = {name: next(tmp_path.glob(f"{name}-*.out")).read_text() for name in ("a", "b")}
     for (name, log), job in zip(logs.items(), jobs.values(), strict=True):
         assert job["JobState"] == "COMPLETED", log[-4000:]
@@ -86,34 +102,82 @@ def test_two_jobs_at_once_each_on_a_two_node_ray_cluster(slurm, tmp_path) -> Non
         assert summary["world_size"] == 2 and summary["steps"] == 6
         assert (tmp_path / name / "tiny" / "pretrain" / "model" / "model.safetensors").is_file()
     ports = {name: re.search(r"head node1 at [\d.]+:(\d+)", log).group(1) for name, log in logs.items()}
-    assert ports["a"] != ports["b"], ports
+    assert ports["a"] != ports["b"] and set(ports.values()) <= {"24100", "24200"}, ports
+    assert not list((slurm_state(slurm) / "ports").iterdir()), "the jobs released their port blocks"
     # They overlapped in time: each started before the other ended.
     start = {job_id: job["StartTime"] for job_id, job in jobs.items()}
     end = {job_id: job["EndTime"] for job_id, job in jobs.items()}
     assert start[ids[0]] < end[ids[1]] and start[ids[1]] < end[ids[0]], (start, end)
 
 
+def _wait_for_step(env: dict[str, str], job_id: int, metrics: Path, step: int) -> None:
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= step):
+        assert time.monotonic() < deadline and _job(env, job_id).get("JobState") in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+
+
 def test_preemption_checkpoints_requeues_and_resumes(slurm, tmp_path) -> None:
+    """Stopped twice: by SIGUSR1 to the batch script (what `--signal=B:USR1@grace` sends before the time
+    limit), then by a real preemption (an `urgent` job that needs the whole nodes; the site's
+    `preempt_send_user_signal` sends the job's --signal). Each time the run checkpoints and the job
+    is requeued; it ends complete, every step trained once."""
     out = tmp_path / "run"
     job_id = _sbatch(slurm, "-N", "2", "--cpus-per-task=1", f"--output={tmp_path}/job.out", "slurm/pretrain.sh",
                      *_tiny(out, "stages.0.max_steps=400", "stages.0.checkpoint_every=1000",
                             "stages.0.eval_every=1000"))  # fmt: skip
     metrics = out / "tiny" / "pretrain" / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
-        assert time.monotonic() < deadline and _job(slurm, job_id).get("JobState") in ("PENDING", "RUNNING")
-        time.sleep(0.2)
+    _wait_for_step(slurm, job_id, metrics, 5)
     signal = subprocess.run(["scancel", "--signal=USR1", "--batch", str(job_id)], env=slurm, check=False)
     assert signal.returncode == 0
-    job = _wait_done(slurm, [job_id], timeout=480)[job_id]
-    log = (tmp_path / "job.out").read_text()
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log[-4000:]
-    stopped = int(re.search(r"stage pretrain: stopped at step (\d+) after a checkpoint", log).group(1))
-    assert 5 <= stopped < 400
-    assert "restart 1" in log and "requeueing job" in log
+    log = tmp_path / "job.out"
+    deadline = time.monotonic() + 300
+    while "restart 1" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.5)
+    first = int(re.search(r"stage pretrain: stopped at step (\d+) after a checkpoint", log.read_text()).group(1))
+    _wait_for_step(slurm, job_id, metrics, first + 5)
+    urgent = _sbatch(slurm, "-p", "urgent", "-N", "2", "--exclusive", f"--output={tmp_path}/urgent.out",
+                     "--wrap", "sleep 2")  # fmt: skip
+    jobs = _wait_done(slurm, [job_id, urgent], timeout=600)
+    text = log.read_text()
+    assert jobs[urgent]["JobState"] == "COMPLETED", jobs[urgent]
+    assert jobs[job_id]["JobState"] == "COMPLETED" and jobs[job_id]["Restarts"] == "2", text[-4000:]
+    stops = [int(n) for n in re.findall(r"stage pretrain: stopped at step (\d+) after a checkpoint", text)]
+    assert len(stops) == 2 and 5 <= stops[0] < stops[1] < 400, stops
+    assert text.count("received USR1: asking the run to checkpoint and stop") == 2
+    assert "restart 2" in text and text.count("requeueing job") == 2
     summary = json.loads((out / "tiny" / "pretrain" / "summary.json").read_text())
-    assert summary["steps"] == 400 and summary["resumed_from_step"] == stopped, "continued from the checkpoint"
+    assert summary["steps"] == 400 and summary["resumed_from_step"] == stops[1], "continued from the checkpoint"
     assert [r["step"] for r in read_jsonl(metrics)] == list(range(1, 401))
+
+
+def test_after_a_plain_scancel_the_next_run_resumes_from_the_last_committed_checkpoint(slurm, tmp_path) -> None:
+    """`scancel` without --signal: srun answers its own SIGTERM by SIGKILLing its step's tasks, so nothing can
+    checkpoint then (SLURM's behaviour; the README says so). What must hold: the checkpoints left are
+    committed ones or ignored, and the next run (here `--local`, the same global batch) resumes from the
+    newest committed one."""
+    from launcher.checkpoints import latest_checkpoint, read_meta, verify
+
+    out = tmp_path / "run"
+    args = _tiny(out, "stages.0.max_steps=400", "stages.0.checkpoint_every=5", "stages.0.eval_every=1000")
+    job_id = _sbatch(slurm, "-N", "2", "--cpus-per-task=1", f"--output={tmp_path}/job.out", "slurm/pretrain.sh",
+                     *args)  # fmt: skip
+    _wait_for_step(slurm, job_id, out / "tiny" / "pretrain" / "metrics.jsonl", 12)
+    assert subprocess.run(["scancel", str(job_id)], env=slurm, check=False).returncode == 0
+    job = _wait_done(slurm, [job_id], timeout=120)[job_id]
+    assert job["JobState"] == "CANCELLED", (tmp_path / "job.out").read_text()[-4000:]
+    checkpoints = out / "tiny" / "pretrain" / "checkpoints"
+    latest = latest_checkpoint(checkpoints)
+    assert latest is not None
+    committed = read_meta(latest)["step"]
+    assert committed >= 10 and committed % 5 == 0 and verify(latest) is None
+    local = [*args, "--local", "stages.0.batch.grad_accum_steps=2", "stages.0.max_steps=" + str(committed + 5)]
+    resumed = subprocess.run([sys.executable, "-m", "launcher", "run", *local], cwd=ROOT, env=slurm,
+                             capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    summary = json.loads((out / "tiny" / "pretrain" / "summary.json").read_text())
+    assert summary["resumed_from_step"] == committed
 
 
 def test_launcher_slurm_renders_a_script_sbatch_accepts(slurm, tmp_path) -> None:
