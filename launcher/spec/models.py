@@ -65,7 +65,11 @@ class SlurmSpec(Section):
     preempt_grace_s: PositiveInt = Field(
         default=120, description="Seconds before the time limit or preemption at which SIGUSR1 asks for a checkpoint."
     )
-    requeue_on_term: bool = Field(default=False, description="Also checkpoint and requeue on SIGTERM (scancel).")
+    requeue_on_term: bool = Field(
+        default=False,
+        description="Also checkpoint and requeue on a SIGTERM to the batch script (`scancel --signal=TERM --batch`); "
+        "a plain `scancel` TERMs every step and srun then kills its tasks at once.",
+    )
 
     @field_validator("partition", "account", "job_name")
     @classmethod
