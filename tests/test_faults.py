@@ -135,6 +135,7 @@ def test_kill_9_during_a_save_resumes_from_the_previous_committed_checkpoint(tmp
     checkpoints = tmp_path / "tiny" / "pretrain" / "checkpoints"
     assert (checkpoints / "step_00000006" / "mp_rank_00_model_states.pt").is_file(), "killed inside the save"
     assert rules.read_meta(checkpoints / "step_00000006") is None
+    (tmp_path / "tiny" / "pretrain" / "STOP").touch()  # as a run killed after a SIGTERM leaves it: stale
     result = run_cli("run", TINY, *PRETRAIN, f"output_dir={tmp_path}")
     assert_ok(result)
     assert "step_00000006: no manifest" in result.stderr
@@ -275,6 +276,24 @@ def test_a_loss_that_is_not_finite_stops_the_stage_naming_the_step(tmp_path: Pat
     checkpoints = tmp_path / "tiny" / "pretrain" / "checkpoints"
     assert [p.name for p in checkpoints.iterdir()] == ["step_00000002"], "the last good checkpoint is kept"
     assert rules.verify(checkpoints / "step_00000002") is None
+
+
+@pytest.mark.slow  # a real run (the unit checks above stay in `make test-fast`)
+def test_skip_nonfinite_skips_the_update_and_stops_after_ten_in_a_row(tmp_path: Path) -> None:
+    """At ZeRO-1 DeepSpeed skips an update whose gradient norm is not finite: the weights saved mid-streak are
+    the last good ones (finite), and more than 10 such steps in a row stop the stage."""
+    import torch
+
+    overrides = ["stages.0.optim.lr=1e30", "deepspeed.zero_stage=1", "stages.0.optim.skip_nonfinite=true",
+                 "stages.0.max_steps=40"]  # fmt: skip
+    result = run_cli("run", TINY, *PRETRAIN, f"output_dir={tmp_path}", *overrides)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "warning: step 3: loss nan, update skipped (optim.skip_nonfinite)" in result.stdout, result.stdout[-3000:]
+    assert "stage pretrain: 11 steps in a row up to step 13 had a loss that is not finite" in result.stderr
+    latest = rules.latest_checkpoint(tmp_path / "tiny" / "pretrain" / "checkpoints")
+    assert latest is not None and rules.read_meta(latest)["step"] == 12, "saved during the streak"
+    states = torch.load(latest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert all(torch.isfinite(t).all() for t in states.values() if t.is_floating_point()), "no NaN was applied"
 
 
 @pytest.mark.slow  # a real run (the unit checks above stay in `make test-fast`)

@@ -27,6 +27,7 @@ BAD_OVERRIDES = [
     (["stages.0.batch.global_batch_size=12"], "stages.0.batch.global_batch_size:"),
     (["stages.0.data.seq_len=1000"], "stages.0.data.seq_len:"),
     (["stages.0.data.seq_len=1"], "stages.0.data.seq_len: task mlm needs blocks of at least 2 tokens"),
+    (["stages.0.optim.skip_nonfinite=true"], "stages.0.optim.skip_nonfinite: needs deepspeed.zero_stage >= 1"),
     (["stages.0.model.family=gpt2"], "stages.0.model.family:"),
     (["name=bad name"], "name:"),
     (["stages.1.name=pretrain"], "stages.1.name:"),

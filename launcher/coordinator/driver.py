@@ -211,6 +211,9 @@ def _run_one(
         f"{plan.world_size}; tensorboard --logdir {stage_dir / 'tensorboard'}",
         flush=True,
     )
+    # A stop file here was left by a run that was killed after asking (e.g. SIGTERM, then SIGKILL):
+    # it is not a request to this run.
+    (stage_dir / layout.STOP_FILE).unlink(missing_ok=True)
     signals.watch(stage_dir / layout.STOP_FILE)
     try:
         return run_stage(spec_data, index, plan_as_dict(plan))

@@ -254,6 +254,12 @@ class OptimSpec(Section):
     beta2: float = Field(default=0.999, ge=0.0, lt=1.0, description="Adam beta2.")
     eps: float = Field(default=1e-8, gt=0.0, description="Adam epsilon.")
     grad_clip: float = Field(default=1.0, ge=0.0, description="Clip the global gradient norm (0 disables).")
+    skip_nonfinite: bool = Field(
+        default=False,
+        description="Skip a step whose loss is NaN or infinite (weights and optimizer state untouched, a warning) "
+        "instead of stopping the stage; more than 10 in a row still stop it. Needs deepspeed.zero_stage >= 1, "
+        "whose optimizer skips such an update.",
+    )
 
 
 class ScheduleSpec(Section):
@@ -332,6 +338,11 @@ class JobSpec(Section):
         for index, stage in enumerate(self.stages):
             if names.index(stage.name) != index:
                 raise ValueError(f"stages.{index}.name: duplicate stage name {stage.name!r}")
+            if stage.optim.skip_nonfinite and self.deepspeed.zero_stage == 0:
+                raise ValueError(
+                    f"stages.{index}.optim.skip_nonfinite: needs deepspeed.zero_stage >= 1 (at ZeRO-0 the optimizer "
+                    "applies a non-finite update, so the step cannot be skipped)"
+                )
             for field, ref in (("init_from", stage.init_from), ("tokenizer.source", stage.tokenizer.source)):
                 if ref is None or ref in names[:index]:
                     continue

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from launcher.checkpoints import UNIVERSAL, commit, file_digests, prune, tag_for, verify
+from launcher.checkpoints import UNIVERSAL, commit, file_digests, prune, tag_for
 from launcher.errors import RunError
 from launcher.worker.context import RankContext
 
@@ -53,10 +53,9 @@ def load_checkpoint(engine: Any, path: Path, universal: bool = False) -> dict[st
     """Model, optimizer and scheduler from one checkpoint folder; returns the client state saved with it.
 
     `universal`: load the copy that `convert_to_universal` wrote (a checkpoint of N ranks into M).
-    The folder's digests are checked first: DeepSpeed's files are pickles.
+    `path` comes from `RankContext.restore_dir`, which checked its digests (rank 0 for all ranks):
+    DeepSpeed's files are pickles.
     """
-    problem = verify(path)
-    assert problem is None, f"{path}: {problem}"
     load_dir, tag = (path, UNIVERSAL) if universal else (path.parent, path.name)
     loaded, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
     assert loaded is not None, f"DeepSpeed found no checkpoint in {load_dir / tag}"

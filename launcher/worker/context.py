@@ -34,11 +34,17 @@ class RankContext:
         """The checkpoint folder (`checkpoints/step_N`) to resume from, if any: the newest that verifies.
 
         The same rule on every backend: under Ray the storage is this folder too, and a checkpoint
-        that Ray registered but rank 0 never committed is not one.
+        that Ray registered but rank 0 never committed is not one. With several ranks, rank 0
+        verifies and chooses (the process group exists: Ray Train or torchrun made it).
         """
         from launcher.checkpoints import latest_checkpoint
 
-        return latest_checkpoint(checkpoints)
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return latest_checkpoint(checkpoints)
+        # Rank 0 reads and hashes the candidates once, and every rank loads the one it chose.
+        chosen = [latest_checkpoint(checkpoints) if self.is_main else None]
+        torch.distributed.broadcast_object_list(chosen, src=0)
+        return chosen[0]
 
     def checkpoint_root(self, checkpoints: Path) -> Path:
         """Where this rank writes the next checkpoint (here: the stage's persistent folder)."""

@@ -32,6 +32,7 @@ from launcher.worker.context import RankContext
 from launcher.worker.watchdog import StepWatchdog
 
 Batch = dict[str, torch.Tensor]
+MAX_SKIPPED_IN_A_ROW = 10  # optim.skip_nonfinite: more non-finite steps in a row than this stop the stage
 STOP_AFTER_STEP_ENV = "LAUNCHER_STOP_AFTER_STEP"
 STOP_FILE_ENV = "LAUNCHER_STOP_FILE"  # another stop file, for whoever started the run (e.g. on SIGUSR1)
 TRACE_SAMPLES_ENV = "LAUNCHER_TRACE_SAMPLES"  # a folder: each rank appends the sample ids it trains on
@@ -96,6 +97,28 @@ class Loop:
         job_stop = os.environ.get(STOP_FILE_ENV)  # set by the SLURM template: preemption is near
         return bool(job_stop) and Path(job_stop).exists()
 
+    def _skipped_nonfinite(self, step: int, train_loss: float, skipped_before: int) -> bool:
+        """Whether step `step` was a non-finite one that DeepSpeed skipped (`optim.skip_nonfinite`).
+
+        Every rank sees the same all-reduced loss, so all decide alike. A non-finite loss otherwise
+        stops the stage here, before anything is saved. ZeRO-1/2/3 and the fp16/bf16 optimizers skip
+        an update whose gradient norm is not finite (`engine.skipped_steps` counts them); ZeRO-0 in
+        fp32 applies it, hence the spec refuses `skip_nonfinite` there and this checks it happened.
+        """
+        skipped = self.engine.skipped_steps > skipped_before
+        if math.isfinite(train_loss):
+            if skipped and self.ctx.is_main:
+                print(f"warning: step {step}: DeepSpeed skipped the update (gradient norm not finite)", flush=True)
+            return False
+        if not (self.stage.optim.skip_nonfinite and skipped):
+            raise RunError(
+                f"stage {self.stage.name}: the training loss is {train_loss} at step {step}; stopped without "
+                "saving (the last committed checkpoint is kept). Lower optim.lr or raise the warmup."
+            )
+        if self.ctx.is_main:
+            print(f"warning: step {step}: loss {train_loss}, update skipped (optim.skip_nonfinite)", flush=True)
+        return True
+
     def _beat(self, step: int | None = None) -> None:
         if self.watchdog is not None:
             self.watchdog.beat(self.watchdog.step if step is None else step)
@@ -158,6 +181,7 @@ class Loop:
         window_tokens, window_start = 0, time.perf_counter()
         session_start, wall_before = time.perf_counter(), state.wall_s
         hang_at = os.environ.get(HANG_AT_STEP_ENV)
+        skipped_in_a_row = 0
         self._beat(state.step)
         while state.step < self.plan.steps:
             step = state.step
@@ -169,6 +193,7 @@ class Loop:
             if hang_at == f"{self.ctx.rank}:{step + 1}":
                 time.sleep(10**9)
             loss_sum: torch.Tensor | float = 0.0  # stays on the device: no host sync per micro-batch
+            skipped_before = self.engine.skipped_steps
             tokens, grad_norm = 0, None
             for micro, indices in enumerate(sampler.micro_batches(step)):
                 index = self.ctx.rank * self.plan.grad_accum_steps + micro  # the micro-batch's place in the step
@@ -187,12 +212,16 @@ class Loop:
             self._beat(state.step)
             state.tokens += int(tokens)
             train_loss = loss_sum / (self.plan.grad_accum_steps * self.ctx.world_size)
-            if not math.isfinite(train_loss):  # every rank sees the same sum: all stop here, nothing saved
+            if self._skipped_nonfinite(state.step, train_loss, skipped_before):
+                skipped_in_a_row += 1
+            else:
+                skipped_in_a_row = 0
+                window_losses.append(train_loss)
+            if skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
                 raise RunError(
-                    f"stage {stage.name}: the training loss is {train_loss} at step {state.step}; stopped without "
-                    "saving (the last committed checkpoint is kept). Lower optim.lr or raise the warmup."
+                    f"stage {stage.name}: {skipped_in_a_row} steps in a row up to step {state.step} had a loss "
+                    "that is not finite; stopped (the last committed checkpoint is kept). Lower optim.lr."
                 )
-            window_losses.append(train_loss)
             window_tokens += int(tokens)
             state.wall_s = wall_before + time.perf_counter() - session_start
             scalars: dict[str, float] = {}
@@ -201,7 +230,7 @@ class Loop:
                 rate = window_tokens / elapsed
                 if grad_norm is None:
                     grad_norm = self.engine.get_global_grad_norm()
-                state.last_train_loss = sum(window_losses) / len(window_losses)
+                state.last_train_loss = sum(window_losses) / len(window_losses) if window_losses else math.nan
                 scalars = {
                     "train/loss": state.last_train_loss,
                     "train/lr": float(self.engine.get_lr()[0]),
