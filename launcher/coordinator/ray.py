@@ -80,7 +80,7 @@ def run_stage_ray(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
-    from launcher.worker.watchdog import watchdog_note
+    from launcher.worker.watchdog import hang_report, watchdog_notes
 
     spec = parse_spec(spec_data)
     stage, cluster = spec.stages[index], spec.cluster
@@ -105,15 +105,15 @@ def run_stage_ray(
     # Ray Train's own hang detection: its barriers (every `ray.train.report`) give up after this long.
     # Read from the driver's environment; Ray hands it to its controller and workers.
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = str(cluster.collective_timeout_s)
-    note = watchdog_note(layout.stage_dir(spec, stage.name))
-    note.unlink(missing_ok=True)
+    notes = watchdog_notes(layout.stage_dir(spec, stage.name))
+    shutil.rmtree(notes, ignore_errors=True)
     try:
         trainer.fit()
     except Exception as exc:  # a user or run error inside the workers: the same one line as in debug mode
         known = _known_error(exc)
-        hung = atomic.read_json(note)
-        if known is None and isinstance(hung, dict):
-            known = RunError(f"{hung['message']}; the stage failed (cluster.max_failures={cluster.max_failures})")
+        hung = hang_report(notes)
+        if known is None and hung is not None:
+            known = RunError(f"{hung}; the stage failed (cluster.max_failures={cluster.max_failures})")
         if known is None:
             raise
         raise known from None

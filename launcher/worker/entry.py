@@ -29,7 +29,7 @@ from launcher.worker.checkpoint import export_model, load_checkpoint
 from launcher.worker.context import RankContext
 from launcher.worker.engine import build_engine
 from launcher.worker.loop import Loop, TrainState
-from launcher.worker.watchdog import StepWatchdog, watchdog_note
+from launcher.worker.watchdog import StepWatchdog, watchdog_notes
 
 
 def init_path(spec: Any, stage: Any) -> Path | None:
@@ -96,8 +96,8 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
     )  # fmt: skip
     stopped = False
     if state.step < plan.steps:
-        timeout, note = spec.cluster.step_timeout_s, watchdog_note(stage_dir)
-        loop.watchdog = None if timeout is None else StepWatchdog(timeout, ctx.rank, stage.name, note)
+        timeout, notes = spec.cluster.step_timeout_s, watchdog_notes(stage_dir)
+        loop.watchdog = None if timeout is None else StepWatchdog(timeout, ctx.rank, stage.name, notes)
         try:
             state, stopped = loop.run(state)
         finally:
