@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from launcher import checkpoints as rules
+from launcher.hooks import HANG_AT_STEP_ENV, STOP_AFTER_STEP_ENV
 from tests.conftest import ROOT, assert_ok, run_cli
 
 TINY = "jobs/debug/tiny.yaml"
@@ -74,7 +75,7 @@ def test_only_committed_checkpoints_count_toward_keep(tmp_path: Path) -> None:
 
 def _stopped_at_six(out: Path) -> Path:
     """The pretrain stage, stopped after step 6 (checkpoints 4 and 6 committed); its checkpoints folder."""
-    result = run_cli("run", TINY, *PRETRAIN, f"output_dir={out}", env={"LAUNCHER_STOP_AFTER_STEP": "6"})
+    result = run_cli("run", TINY, *PRETRAIN, f"output_dir={out}", env={STOP_AFTER_STEP_ENV: "6"})
     assert result.returncode == 75, result.stderr[-3000:]
     checkpoints = out / "tiny" / "pretrain" / "checkpoints"
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000004", "step_00000006"]
@@ -300,7 +301,7 @@ def test_skip_nonfinite_skips_the_update_and_stops_after_ten_in_a_row(tmp_path: 
 def test_a_rank_that_hangs_inside_a_step_is_ended_naming_it(tmp_path: Path) -> None:
     started = time.monotonic()
     result = run_cli("run", TINY, *PRETRAIN, f"output_dir={tmp_path}", "cluster.step_timeout_s=5",
-                     env={"LAUNCHER_HANG_AT_STEP": "0:3"}, timeout=300)  # fmt: skip
+                     env={HANG_AT_STEP_ENV: "0:3"}, timeout=300)  # fmt: skip
     assert result.returncode == 70, result.stderr[-3000:]
     assert "rank 0 made no progress for" in result.stderr
     assert "after step 2, inside step 3 (cluster.step_timeout_s=5)" in result.stderr
@@ -358,7 +359,7 @@ def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
     """...but not the same signal delivered twice within REPEAT_S (2 s). Step 4 hangs (a test hook), so the
     first request cannot be honoured before the second one comes."""
     command = [sys.executable, "-m", "launcher", "run", TINY, *PRETRAIN, *SLOW, f"output_dir={tmp_path}"]
-    proc = _start(command, env={"LAUNCHER_HANG_AT_STEP": "0:4"})
+    proc = _start(command, env={HANG_AT_STEP_ENV: "0:4"})
     try:
         _wait_for_step(tmp_path / "tiny" / "pretrain" / "metrics.jsonl", 3, proc)
         proc.send_signal(2)

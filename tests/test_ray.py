@@ -244,7 +244,7 @@ def reshard_reference(tmp_path_factory) -> Path:
 def test_resume_on_a_different_worker_count(head, tmp_path, reshard_reference: Path, first: str, then: str) -> None:
     """ZeRO-2 shards of 2 workers resume on 1, and the reverse (same global batch: 2 x 8 = 1 x 8 x 2). Draws
     are keyed by micro-batch, not rank, so every step's loss equals the uninterrupted 1-worker run's."""
-    from launcher.worker.loop import STOP_AFTER_STEP_ENV
+    from launcher.hooks import STOP_AFTER_STEP_ENV
 
     modes = {"ray2": ["cluster.num_workers=2"], "local1": ["--local"]}
     shutil.copytree(reshard_reference, tmp_path / "run")
@@ -269,7 +269,7 @@ def test_resume_on_a_different_worker_count(head, tmp_path, reshard_reference: P
 
 def test_zero3_refuses_a_different_worker_count(tmp_path) -> None:
     """On a private Ray (this command starts and stops its own): refused before any worker starts."""
-    from launcher.worker.loop import STOP_AFTER_STEP_ENV
+    from launcher.hooks import STOP_AFTER_STEP_ENV
 
     args = [*RESHARD_ARGS, "deepspeed.zero_stage=3", f"output_dir={tmp_path}"]
     assert run_cli("run", *args, *PRETRAIN, "--local", env={STOP_AFTER_STEP_ENV: "2"}).returncode == 75
@@ -333,7 +333,7 @@ def test_ray_job_submit_runs_the_tiny_job(head: RayHead, tmp_path) -> None:
 def test_a_hung_worker_and_a_non_finite_loss_end_the_stage_with_one_line(head: RayHead, tmp_path) -> None:
     """Rank 1 sleeps inside step 3: its watchdog ends it within cluster.step_timeout_s and the driver names it
     (rank 0 waits in the step's all-reduce meanwhile); a NaN loss is the same one line as in debug mode."""
-    from launcher.worker.loop import HANG_AT_STEP_ENV
+    from launcher.hooks import HANG_AT_STEP_ENV
 
     args = [*TINY, *PRETRAIN, "cluster.max_failures=0", "cluster.step_timeout_s=10", "cluster.collective_timeout_s=60"]
     started = time.monotonic()

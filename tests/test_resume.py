@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from launcher.coordinator.driver import EXIT_STOPPED
-from launcher.worker.loop import STOP_AFTER_STEP_ENV
+from launcher.hooks import STOP_AFTER_STEP_ENV
 from tests.conftest import assert_ok, read_jsonl, run_cli
 
 pytestmark = pytest.mark.slow  # full training runs of shipped jobs (not in `make test-fast`)

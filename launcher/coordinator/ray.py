@@ -23,15 +23,13 @@ from typing import Any
 
 from launcher import atomic
 from launcher.errors import RunError, UserError
+from launcher.hooks import LOOP_ENV
 from launcher.spec import layout
 from launcher.spec.load import parse_spec
 from launcher.spec.models import JobSpec
 
 # Variables the workers need from the driver's environment (never secrets).
-_FORWARDED_ENV = (
-    "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR", "LAUNCHER_STOP_AFTER_STEP",
-    "LAUNCHER_STOP_FILE", "LAUNCHER_TRACE_SAMPLES", "LAUNCHER_HANG_AT_STEP",
-)  # fmt: skip
+_FORWARDED_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR", *LOOP_ENV)
 
 
 def _train_worker(config: dict[str, Any]) -> None:

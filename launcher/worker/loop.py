@@ -22,6 +22,7 @@ import torch
 
 from launcher.data.sampler import StepSampler
 from launcher.errors import RunError
+from launcher.hooks import HANG_AT_STEP_ENV, STOP_AFTER_STEP_ENV, STOP_FILE_ENV, TRACE_SAMPLES_ENV
 from launcher.metrics import NullWriter
 from launcher.spec.layout import STOP_FILE
 from launcher.spec.models import StageSpec
@@ -33,10 +34,6 @@ from launcher.worker.watchdog import StepWatchdog
 
 Batch = dict[str, torch.Tensor]
 MAX_SKIPPED_IN_A_ROW = 10  # optim.skip_nonfinite: more non-finite steps in a row than this stop the stage
-STOP_AFTER_STEP_ENV = "LAUNCHER_STOP_AFTER_STEP"
-STOP_FILE_ENV = "LAUNCHER_STOP_FILE"  # another stop file, for whoever started the run (e.g. on SIGUSR1)
-TRACE_SAMPLES_ENV = "LAUNCHER_TRACE_SAMPLES"  # a folder: each rank appends the sample ids it trains on
-HANG_AT_STEP_ENV = "LAUNCHER_HANG_AT_STEP"  # test hook, "RANK:STEP": that rank sleeps inside that step for good
 
 
 @dataclass
