@@ -411,8 +411,10 @@ def test_private_ray_listens_on_loopback_and_sigterm_checkpoints_and_leaves_noth
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=180)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # failed before the signal: end it and remove its folder here
             proc.kill()
+            proc.wait()
+            shutil.rmtree(temp, ignore_errors=True)
     try:
         assert proc.returncode == 75, err[-4000:]
         _, alive = psutil.wait_procs(list(seen.values()), timeout=20)
