@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,33 @@ def test_engine_matches_plain_adamw_and_skips_self_allreduce(zero, precision) ->
         assert not result["allreduce"] and result["calls"] == 0, "a world of one all-reduced its gradients"
     else:
         assert result["allreduce"], "ZeRO-2 reduces gradients in its own hooks: its switch stays as DeepSpeed set it"
+
+
+def test_deepspeed_ops_build_in_a_cache_folder_of_this_installation(monkeypatch) -> None:
+    """torch names its extension cache by Python/CUDA version only, and the build files there name one
+    installation's paths: two installations would rebuild each other's ops (~30 s) on every switch."""
+    import os
+
+    import torch
+
+    from launcher.worker.engine import extensions_dir, select_accelerator
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    select_accelerator(torch.device("cpu"))
+    ours = os.environ["TORCH_EXTENSIONS_DIR"]
+    assert ours == extensions_dir() and ours.startswith(str(Path.home() / ".cache" / "torch_extensions"))
+    monkeypatch.setattr(sys, "prefix", sys.prefix + "-another")
+    assert extensions_dir() != ours, "another installation, another folder"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")
+    select_accelerator(torch.device("cpu"))
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/somewhere/else", "the user's choice stays"
+    # DeepSpeed's CPU collective op, built (or found) the way the engine does: in our folder.
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_EXTENSIONS_DIR", "DS_ACCELERATOR")}
+    build = (
+        "import torch; from launcher.worker.engine import select_accelerator; select_accelerator(torch.device('cpu'));"
+        "from deepspeed.comm.torch import build_shm_op; assert build_shm_op() is not None"
+    )
+    out = subprocess.run([sys.executable, "-c", build], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (Path(ours) / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file()

@@ -86,19 +86,24 @@ def test_prepare_on_a_cluster_runs_ray_data_tasks_that_match_the_local_result(he
             assert [s.num_docs for s in stores[0].shards] == [s.num_docs for s in stores[1].shards]
 
 
-def test_private_ray_trainer_has_no_placement_group_cleaner() -> None:
-    """The private cluster ends with the command: Ray Train's placement-group cleaner (and the dashboard it
-    polls) would only take CPU from the workers. (The ZeRO-3 refusal test below starts a private Ray.)"""
+def test_trainer_starts_no_ray_data_actor_and_private_one_no_placement_group_cleaner() -> None:
+    """The launcher passes no Ray Datasets: Ray Train's datasets callback (a DatasetManager actor per
+    worker group) goes everywhere. The private cluster ends with the command: Ray Train's placement-group
+    cleaner (and the dashboard it polls) would only take CPU from the workers. (The ZeRO-3 refusal test
+    below starts a private Ray.)"""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
     from launcher.coordinator.ray import trainer_class
 
-    def callbacks(private: bool) -> set[str]:
-        from ray.train import ScalingConfig
-
-        trainer = trainer_class(private)(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
+    def callbacks(trainer_type: type) -> set[str]:
+        trainer = trainer_type(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
         return {type(c).__name__ for c in trainer._create_default_callbacks()}
 
-    assert callbacks(private=True) == callbacks(private=False) - {"PlacementGroupCleanerCallback"}
-    assert "PlacementGroupCleanerCallback" in callbacks(private=False)
+    ray_own = callbacks(TorchTrainer)
+    assert {"DatasetsCallback", "PlacementGroupCleanerCallback"} <= ray_own, "Ray Train renamed them (2.60.0)"
+    assert callbacks(trainer_class(private=False)) == ray_own - {"DatasetsCallback"}
+    assert callbacks(trainer_class(private=True)) == ray_own - {"DatasetsCallback", "PlacementGroupCleanerCallback"}
     # fit() would replace the launcher's SIGINT handler with Ray Train's (abort without a checkpoint).
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 

@@ -13,11 +13,13 @@ last committed checkpoint.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import secrets
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -44,32 +46,35 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 
 def trainer_class(private: bool) -> type:
-    """`TorchTrainer` that leaves SIGINT to the launcher; on a private cluster, without the placement-group cleaner.
+    """`TorchTrainer` that leaves SIGINT to the launcher and starts no Ray Data actor; on a private
+    cluster, also without the placement-group cleaner.
 
     `fit()` installs Ray Train's own SIGINT handler (abort the run, no checkpoint) over the driver's;
-    the launcher's handler checkpoints and stops instead (`launcher.coordinator.signals`). The
+    the launcher's handler checkpoints and stops instead (`launcher.coordinator.signals`). Ray
+    Train's datasets callback starts a `DatasetManager` actor (a process importing Ray Data, ~0.2 GB)
+    for every worker group even with no datasets; the launcher reads its own token stores and
+    passes none, so that process would only take CPU from the workers while they start. The
     placement-group cleaner is a detached actor that asks the dashboard's state API every second
     whether the Train controller is still alive, to free its placement group should it die in a
     long-lived cluster. A private cluster ends with this command, so it would only take CPU (and
-    the dashboard it needs) from the workers. Both are private hooks of Ray Train (checked with the
-    pinned 2.60.0 by tests/test_ray.py, which fails loudly if they move).
+    the dashboard it needs) from the workers. All three are private hooks of Ray Train (checked with
+    the pinned 2.60.0 by tests/test_ray.py, which fails loudly if they move).
     """
     from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    unused: tuple[type, ...] = (DatasetsCallback, PlacementGroupCleanerCallback) if private else (DatasetsCallback,)
 
     class LauncherTrainer(TorchTrainer):
         def _register_sigint_handler(self, controller: Any) -> None:
             pass  # keep the launcher's handler
 
-    if not private:
-        return LauncherTrainer
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    class PrivateClusterTrainer(LauncherTrainer):
         def _create_default_callbacks(self) -> list[Any]:
-            callbacks = super()._create_default_callbacks()
-            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+            assert not self.datasets, "the launcher passes no Ray Datasets"
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
 
-    return PrivateClusterTrainer
+    return LauncherTrainer
 
 
 def run_stage_ray(
@@ -186,7 +191,11 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
         # preemption-watcher actor (polling every 5 s) would only take CPU from the workers.
         # Ray Train hands this variable from the driver's environment to its controller.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Nor is there a metrics endpoint anyone scrapes (TensorBoard is the monitor): no Train metrics.
+        os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets: loopback, like the rest
+    # Ray Train and torch under it (~1.5 s) import while Ray starts, not after the data check.
+    threading.Thread(target=importlib.import_module, args=("ray.train.torch",), daemon=True).start()
     import ray
 
     if private is not None:

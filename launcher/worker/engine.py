@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,8 +18,24 @@ _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with
 
 
 def select_accelerator(device: torch.device) -> None:
-    """DeepSpeed picks its accelerator once, at first use; say which before importing it."""
+    """DeepSpeed picks its accelerator once, at first use; say which (and where its ops build) before importing it.
+
+    DeepSpeed builds ops it needs at first use (on CPU its shared-memory collective, ~30 s of two
+    cores) with torch's extension builder, whose cache folder is named by Python and CUDA versions
+    only. The build files in it name this installation's paths, so two installations on one machine
+    (a second virtual environment, a fresh clone) rebuild each other's ops every time they alternate.
+    Unless TORCH_EXTENSIONS_DIR says otherwise, each installation gets a folder of its own there.
+    """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+
+
+def extensions_dir() -> str:
+    """This installation's folder in torch's extension cache (a digest of `sys.prefix`)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    digest = hashlib.sha256(sys.prefix.encode()).hexdigest()[:12]
+    return str(Path(get_default_build_root()) / f"launcher-{digest}")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
