@@ -78,6 +78,8 @@ def verify(folder: Path) -> str | None:
         if not path.is_file():
             return f"{name} is missing"
         stat = path.stat()
+        if stat.st_size != files[name]["size"]:  # cheap: before any hashing
+            return f"{name} has {stat.st_size} bytes, the manifest says {files[name]['size']}"
         stats.append((name, stat.st_size, stat.st_mtime_ns))
     key = (str(folder.resolve()), (folder / META_FILE).stat().st_mtime_ns, tuple(stats))
     if key not in _verified:
@@ -87,10 +89,7 @@ def verify(folder: Path) -> str | None:
 
 def _check_files(folder: Path, files: dict[str, dict[str, Any]]) -> str | None:
     for name, entry in sorted(files.items()):
-        path = folder / name
-        if path.stat().st_size != entry["size"]:
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
-        if _sha256(path) != entry["sha256"]:
+        if _sha256(folder / name) != entry["sha256"]:
             return f"{name} does not match its sha256 in the manifest (corrupted)"
     return None
 

@@ -24,11 +24,9 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.
 def start_dir(spec: JobSpec, index: int) -> tuple[Path, str] | None:
     """The folder stage `index` loads its weights from and the field that names it (None: a fresh model)."""
     stage = spec.stages[index]
-    if stage.init_from is None:
-        return None if stage.model.path is None else (Path(stage.model.path), f"stages.{index}.model.path")
-    if stage.init_from in [s.name for s in spec.stages]:
-        return layout.model_dir(spec, stage.init_from), f"stages.{index}.init_from"
-    return Path(stage.init_from), f"stages.{index}.init_from"
+    start = layout.start_dir(spec, stage)
+    field = "model.path" if stage.init_from is None else "init_from"
+    return None if start is None else (start, f"stages.{index}.{field}")
 
 
 def safetensors_problem(path: Path) -> str | None:

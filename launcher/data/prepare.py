@@ -64,9 +64,9 @@ class PreparedStage:
 def _tokenizer_origin(spec: JobSpec, stage: StageSpec) -> Path | None:
     """The directory to copy the tokenizer from, or None to train one on this stage's corpus."""
     source = stage.tokenizer.source or stage.init_from
-    names = [s.name for s in spec.stages]
-    if source in names:
-        return layout.tokenizer_dir(spec, source)
+    earlier = spec.referenced_stage(source)
+    if earlier is not None:
+        return layout.tokenizer_dir(spec, earlier.name)
     if source is not None:
         return Path(source)
     if stage.model.path is not None:

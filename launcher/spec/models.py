@@ -356,3 +356,10 @@ class JobSpec(Section):
 
     def stage(self, name: str) -> StageSpec:
         return next(stage for stage in self.stages if stage.name == name)
+
+    def referenced_stage(self, ref: str | None) -> StageSpec | None:
+        """The stage a reference (`init_from`, `tokenizer.source`) names; None when it names a directory or nothing.
+
+        The one answer to "an earlier stage or a directory?" (validation above guarantees a named stage
+        runs earlier)."""
+        return next((stage for stage in self.stages if stage.name == ref), None) if ref else None

@@ -103,18 +103,15 @@ def model_states_bytes(num_params: int, precision: str, zero_stage: int, world: 
 
 
 def _vocab_size(spec: JobSpec, stage: StageSpec) -> int:
-    source = stage.tokenizer.source or stage.init_from
-    names = [s.name for s in spec.stages]
-    if source in names:
-        return _vocab_size(spec, spec.stage(source))
-    return stage.tokenizer.vocab_size
+    earlier = spec.referenced_stage(stage.tokenizer.source or stage.init_from)
+    return stage.tokenizer.vocab_size if earlier is None else _vocab_size(spec, earlier)
 
 
 def _architecture(spec: JobSpec, stage: StageSpec) -> tuple[ModelSpec, Path | None]:
     """The model a stage starts from: an earlier stage's (inherited), a local directory's, or its own spec."""
-    names = [s.name for s in spec.stages]
-    if stage.init_from in names:
-        return _architecture(spec, spec.stage(stage.init_from))
+    earlier = spec.referenced_stage(stage.init_from)
+    if earlier is not None:
+        return _architecture(spec, earlier)
     if stage.init_from is not None:
         return stage.model, Path(stage.init_from)
     return stage.model, None if stage.model.path is None else Path(stage.model.path)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,15 +31,6 @@ from launcher.worker.loop import Loop, TrainState
 from launcher.worker.watchdog import StepWatchdog, watchdog_notes
 
 
-def init_path(spec: Any, stage: Any) -> Path | None:
-    """Where the stage's weights start: an earlier stage's export, a local model, or nowhere."""
-    if stage.init_from is None:
-        return None if stage.model.path is None else Path(stage.model.path)
-    if stage.init_from in [s.name for s in spec.stages]:
-        return layout.model_dir(spec, stage.init_from)
-    return Path(stage.init_from)
-
-
 def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], ctx: RankContext) -> dict[str, Any]:
     """Train stage `index` on this rank; returns the stage summary (`stopped` when asked to stop early)."""
     started = time.perf_counter()
@@ -57,7 +47,7 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(layout.tokenizer_dir(spec, stage.name))
     task = build_task(stage, tokenizer)
-    model = task.build_model(init_path(spec, stage))
+    model = task.build_model(layout.start_dir(spec, stage))
     fpt = flops_per_token(model, plan.seq_len, stage.mlm_probability if stage.task == "mlm" else 1.0)
     num_params = sum(p.numel() for p in model.parameters())
     ds_config = build_deepspeed_config(spec.deepspeed, stage, plan)
