@@ -25,9 +25,10 @@ def test_job_validates(path: Path) -> None:
     assert path.relative_to(ROOT).as_posix() in first
     spec = load_spec(path)
     for local in (True, False):
-        plans = plan_job(spec, local=local)
-        for plan in plans:
-            assert plan.global_batch_size == plan.micro_batch_size * plan.grad_accum_steps * plan.world_size
+        for stage, plan in zip(spec.stages, plan_job(spec, local=local), strict=True):
+            assert plan.micro_batch_size == stage.batch.micro_batch_size
+            if stage.batch.global_batch_size is not None:  # the same batch in one process as on the cluster
+                assert plan.global_batch_size == stage.batch.global_batch_size, (stage.name, local)
 
 
 def test_validate_cli_prints_plan() -> None:

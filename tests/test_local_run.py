@@ -148,3 +148,38 @@ def test_torn_status_files_count_as_absent(tiny_run: Path, tmp_path: Path) -> No
     assert "stage pretrain: already complete" in result.stdout
     summary = json.loads((job / "finetune" / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["resumed_from_step"] == 4, "resumed at its end, not retrained"
+
+
+@pytest.mark.slow
+def test_continued_pretraining_of_a_pretrained_encoder_initialises_its_mlm_head(tmp_path) -> None:
+    """jobs/dapt-minilm.yaml as users run it, on a tiny budget: all-MiniLM-L6-v2 (saved without an MLM head)
+    continues masked-LM training, the new head is named in one line, and the fine-tuning starts from it."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForMaskedLM
+
+    tiny = ["stages.0.data.max_train_samples=64", "stages.0.max_steps=2", "stages.0.data.seq_len=32",
+            "stages.0.eval_every=0", "stages.0.checkpoint_every=0", "stages.1.data.max_train_samples=16",
+            "stages.1.data.max_eval_samples=16", "stages.1.epochs=1", "cluster.num_workers=1"]  # fmt: skip
+    for stage in (0, 1):
+        tiny += [f"stages.{stage}.batch.micro_batch_size=4", f"stages.{stage}.batch.global_batch_size=4"]
+    result = run_cli("run", "jobs/dapt-minilm.yaml", "--local", f"output_dir={tmp_path}", *tiny)
+    assert_ok(result)
+    said = [line for line in result.stdout.splitlines() if "has no weights for" in line]
+    assert said[0] == (
+        "stage continue: data/models/all-minilm-l6-v2 has no weights for cls.predictions (6 tensors); "
+        "they start from random init"
+    ), said
+    # A masked-LM model has no pooler: the classifier's pooler starts fresh as well as its output layer.
+    assert said[1].startswith("stage finetune: ") and said[1].endswith(
+        "has no weights for bert.pooler, classifier (4 tensors); they start from random init"
+    ), said
+    assert len(said) == 2
+    export = tmp_path / "dapt-minilm" / "continue" / "model"
+    _, info = AutoModelForMaskedLM.from_pretrained(export, output_loading_info=True)
+    assert not info["missing_keys"], "the export carries its MLM head"
+    minilm = load_file(Path("data/models/all-minilm-l6-v2/model.safetensors"))
+    continued = load_file(export / "model.safetensors")
+    name = "embeddings.word_embeddings.weight"
+    ours = continued.get(f"bert.{name}", continued.get(name))
+    theirs = minilm.get(name, minilm.get(f"bert.{name}"))
+    assert ours.shape == theirs.shape and 0 < (ours - theirs).abs().max() < 1e-2, "continued, not restarted"

@@ -35,3 +35,55 @@ def test_gpu_peak_table_matches_whole_model_names() -> None:
     assert gpu_peak_flops("Tesla V100-SXM2-16GB", "fp16")[0] == 125e12
     peak, source = gpu_peak_flops("NVIDIA GeForce RTX 4090", "bf16")
     assert math.isnan(peak) and "unknown GPU" in source
+
+
+def _demo_summaries(accuracy: dict[str, float], majority: float = 0.579) -> list[dict]:
+    rows = [{"stage": "pretrain", "eval": {"loss": 5.8}, "reference": {}}]
+    rows += [
+        {"stage": name, "eval": {"loss": 0.5, "accuracy": acc}, "reference": {"majority_accuracy": majority}}
+        for name, acc in accuracy.items()
+    ]
+    return rows
+
+
+def _demo_spec(minilm: bool = True):
+    from launcher.spec.load import load_spec
+    from tests.conftest import ROOT
+
+    spec = load_spec(ROOT / "jobs" / "demo.yaml", [])
+    if not minilm:
+        spec.stages = [s for s in spec.stages if s.name != "minilm"]
+    return spec
+
+
+def test_ladder_ranks_the_starts_and_says_who_wins_from_the_figures() -> None:
+    """The demo's ladder: majority class, then each fine-tuning by test accuracy, and one sentence computed
+    from the figures (which start wins and by how much; our pre-training against from scratch)."""
+    from launcher.metrics.ladder import render_ladder
+
+    spec = _demo_spec()
+    lines = render_ladder(spec, _demo_summaries({"finetune": 0.6540, "baseline": 0.6910, "minilm": 0.7850}))
+    assert lines[0] == "test accuracy on data/demo/test.csv:"
+    assert lines[1].startswith("  majority class") and lines[1].endswith("0.5790")
+    assert [line.split()[-1] for line in lines[2:5]] == ["minilm", "baseline", "finetune"], "ranked"
+    assert "random initialisation" in lines[3] and "our pre-training" in lines[4] and "2,000 labels" in lines[4]
+    assert lines[-1] == (
+        "Pretrained all-minilm-l6-v2 (minilm) wins by 9.4 points over random initialisation (baseline); "
+        "our pre-training loses to training from scratch by 3.7 points."
+    )
+    lines = render_ladder(spec, _demo_summaries({"finetune": 0.7010, "baseline": 0.6910, "minilm": 0.5790}))
+    assert lines[-1] == (
+        "Our pre-training (finetune) wins by 1.0 point over random initialisation (baseline); "
+        "our pre-training beats training from scratch by 1.0 point; minilm is no better than the majority class."
+    )
+
+
+def test_ladder_needs_two_comparable_classification_stages() -> None:
+    from launcher.metrics.ladder import render_ladder
+
+    spec = _demo_spec(minilm=False)
+    assert render_ladder(spec, _demo_summaries({"finetune": 0.70})) == [], "one stage: nothing to compare"
+    assert render_ladder(spec, _demo_summaries({"finetune": 0.70, "baseline": 0.70}))[-1] == (
+        "Our pre-training (finetune) and random initialisation (baseline) tie at 0.700; "
+        "our pre-training ties with training from scratch."
+    )

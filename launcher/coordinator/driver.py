@@ -24,6 +24,7 @@ from launcher.coordinator.signals import Interrupted, StopOnSignal
 from launcher.coordinator.start_check import check_start
 from launcher.data.prepare import JobRunner, PreparedStage, prepare_job, run_jobs_locally
 from launcher.errors import UserError
+from launcher.metrics.ladder import render_ladder
 from launcher.spec import layout
 from launcher.spec.models import JobSpec
 from launcher.spec.plan import StagePlan, plan_as_dict, plan_job
@@ -37,6 +38,7 @@ def claim_job_dir(spec: JobSpec) -> None:
     root = layout.job_dir(spec)
     marker = root / "job.json"
     identity = {"name": spec.name, "stages": [[s.name, s.task] for s in spec.stages]}
+    recorded = None
     if marker.exists():
         recorded = atomic.read_json(marker, if_torn="taken as this job's (a crash mid-write); written again")
         if recorded is not None and recorded != identity:
@@ -48,7 +50,7 @@ def claim_job_dir(spec: JobSpec) -> None:
         raise UserError(f"output_dir: {root} is not empty and holds no launcher run; use another output_dir or name")
     try:
         root.mkdir(parents=True, exist_ok=True)
-        if atomic.read_json(marker) != identity:
+        if recorded != identity:
             atomic.write_json(marker, identity)
         tempfile.TemporaryFile(dir=root).close()  # writable (also when the marker was there already)
     except OSError as exc:
@@ -97,8 +99,8 @@ def check_resumable(spec: JobSpec, index: int, plan: StagePlan) -> None:
 
 def stage_dependencies(spec: JobSpec, index: int) -> list[str]:
     """Earlier stages whose export or tokenizer this stage reads."""
-    stage, names = spec.stages[index], [s.name for s in spec.stages[:index]]
-    return [name for name in (stage.init_from, stage.tokenizer.source) if name in names]
+    stage = spec.stages[index]
+    return [ref for ref in (stage.init_from, stage.tokenizer.source) if spec.referenced_stage(ref) is not None]
 
 
 def select_stage(spec: JobSpec, only: str | None) -> int | None:
@@ -163,15 +165,12 @@ def _run_stages(
 ) -> list[dict[str, Any]] | None:
     """The stages' summaries, or None when a stage stopped on request (or a signal came between stages)."""
     claim_job_dir(spec)
+    only = None if selected is None else spec.stages[selected].name
     if selected is not None:
         for name in stage_dependencies(spec, selected):
             if not layout.summary_path(spec, name).exists():  # written only when a stage completes
-                raise UserError(
-                    f"--stage: {spec.stages[selected].name} reads stage {name!r}, which has not completed; run it first"
-                )
-    prepared, plans = resolve(
-        spec, local, only=None if selected is None else spec.stages[selected].name, run_jobs=run_jobs
-    )
+                raise UserError(f"--stage: {only} reads stage {name!r}, which has not completed; run it first")
+    prepared, plans = resolve(spec, local, only=only, run_jobs=run_jobs)
     spec_data = spec.model_dump(mode="json")
     summaries = []
     for index, plan in enumerate(plans):
@@ -232,5 +231,6 @@ def render_results(spec: JobSpec, summaries: list[dict[str, Any]], what: str = "
             f"  {summary['stage']:<12} steps {summary['steps']:<6} train_loss "
             f"{'nan' if loss is None else f'{loss:.4f}'}  {evals}  wall {summary['wall_s']:.1f}s"
         )
+    lines += render_ladder(spec, summaries)
     lines.append(f"monitor: tensorboard --logdir {layout.job_dir(spec)} --host 127.0.0.1")
     return "\n".join(lines)

@@ -96,6 +96,7 @@ class Task:
         self.stage = stage
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id
+        self.fresh_weights: list[str] = []  # weights the start model lacked (set by build_model)
 
     def num_labels(self) -> int | None:
         return None
@@ -116,7 +117,10 @@ class Task:
                     "id2label": dict(enumerate(labels)),
                     "label2id": {name: i for i, name in enumerate(labels)},
                 }
-            model = auto.from_pretrained(str(init_path), local_files_only=True, **kwargs)
+            model, info = auto.from_pretrained(
+                str(init_path), local_files_only=True, output_loading_info=True, **kwargs
+            )
+            self.fresh_weights = sorted(info.get("missing_keys", []))
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = self.pad_id
             return model
@@ -128,6 +132,16 @@ class Task:
 
         # Auto classes build from a config with `from_config`; a concrete model class is called.
         return auto(config) if issubclass(auto, PreTrainedModel) else auto.from_config(config)
+
+    def fresh_modules(self) -> str | None:
+        """The modules `build_model` had to initialise (the start model had no weights for them), in a few words.
+
+        A pretrained encoder continued with a masked-LM stage (e.g. all-MiniLM-L6-v2, saved without
+        its MLM head) gets a new prediction head; any start model gets a new classifier."""
+        if not self.fresh_weights:
+            return None
+        modules = sorted({".".join(name.rsplit(".", 1)[0].split(".")[:2]) for name in self.fresh_weights})
+        return f"{', '.join(modules)} ({len(self.fresh_weights)} tensors)"
 
     def dataset(self, data_dir: Path, split: str, seed: int = 0):  # noqa: ANN201
         """Blocks of the split's stream; a `data.sources` mixture's training split draws from each source's own."""

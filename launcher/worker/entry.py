@@ -47,7 +47,11 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(layout.tokenizer_dir(spec, stage.name))
     task = build_task(stage, tokenizer)
-    model = task.build_model(layout.start_dir(spec, stage))
+    start = layout.start_dir(spec, stage)
+    model = task.build_model(start)
+    fresh = task.fresh_modules()
+    if fresh is not None and ctx.is_main:
+        print(f"stage {stage.name}: {start} has no weights for {fresh}; they start from random init", flush=True)
     fpt = flops_per_token(model, plan.seq_len, stage.mlm_probability if stage.task == "mlm" else 1.0)
     num_params = sum(p.numel() for p in model.parameters())
     ds_config = build_deepspeed_config(spec.deepspeed, stage, plan)
