@@ -1,0 +1,213 @@
+"""Label-efficiency curve: test accuracy against the number of labeled reviews, one line per starting point.
+
+Run as: .venv/bin/python benchmarks/transfer_curve.py [--sizes 250,500,1000,2000,5000,all] [--seeds 0,1,2]
+            [--starts random,demo,minilm] [--cache runs/transfer] [--split test|validation] [--plot-only]
+
+Every point is `launcher run benchmarks/transfer-finetune.yaml --local` with overrides (no side path):
+the same recipe for every start and size (3 epochs of the first N labeled reviews, at least
+--min-steps optimizer steps so that small sets get enough updates, --lr), scored on the 2,000 held-out
+test reviews, or with `--split validation` on 10% carved from the labeled training reviews (to choose
+settings without looking at the test set). Starting points, each made once through `launcher run`:
+  random        the demo's small BERT from random initialisation (the demo's tokenizer: only weights differ)
+  demo          the demo's pre-training export (`jobs/demo.yaml --stage pretrain --local`, ~3 min)
+  demo-4x       the same pre-training for 4x the steps (~13 min); demo-16x: 16x (~50 min)
+  minilm        the packaged all-MiniLM-L6-v2 (pre-trained at scale by others)
+  minilm-dapt   MiniLM after jobs/dapt-minilm.yaml's continued masked-LM pre-training on the reviews
+Everything lands under --cache (starts/, points/): a point whose summary is there is not run again, so
+re-plotting (or adding a seed) costs only what is new. Fine-tuned weights are deleted after scoring.
+Writes <cache>/curve-<split>.csv (start, labels, seed, accuracy, steps, wall_s) and a PNG beside it:
+accuracy against labeled examples (log scale), one line per start (mean over seeds, min-max band),
+the majority class dashed. matplotlib is installed with its missing dependencies into
+runs/bench-deps (the benchmarks' own folder), not into the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = ROOT / "benchmarks" / "transfer-finetune.yaml"
+TRAIN = ROOT / "data" / "demo" / "train.csv"
+MINILM = ROOT / "data" / "models" / "all-minilm-l6-v2"
+DEPS = ROOT / "runs" / "bench-deps"
+PLOT_PACKAGES = ("matplotlib==3.11.2", "contourpy==1.3.3", "cycler==0.12.1", "fonttools==4.68.0",
+                 "kiwisolver==1.5.1", "pyparsing==3.3.3")  # fmt: skip
+DEMO_STEPS = 800  # jobs/demo.yaml's pre-training
+STARTS = ("random", "demo", "demo-4x", "demo-16x", "minilm", "minilm-dapt")
+
+
+def launcher(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=env, capture_output=True,
+                            text=True, check=False)  # fmt: skip
+    if result.returncode != 0:
+        raise SystemExit(f"launcher {' '.join(args)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def start_overrides(start: str, cache: Path, pretrain_steps: int | None) -> list[str]:
+    """The fine-tuning job's overrides for a starting point; its export is made first when missing."""
+    if start == "minilm":
+        return [f"stages.0.init_from={MINILM}"]
+    if start in ("demo", "demo-4x", "demo-16x", "random"):
+        base = "demo" if start == "random" else start
+        steps = pretrain_steps or DEMO_STEPS * {"demo": 1, "demo-4x": 4, "demo-16x": 16}[base]
+        out = cache / "starts" / base
+        export = out / "demo" / "pretrain" / "model"
+        if not (export / "config.json").is_file():
+            print(f"pre-training {base} ({steps} steps) ...", flush=True)
+            launcher("run", "jobs/demo.yaml", "--local", "--stage", "pretrain", f"output_dir={out}",
+                     f"stages.0.max_steps={steps}", "stages.0.checkpoint_every=0")  # fmt: skip
+        # A random start reads the demo's tokenizer, so that only the weights differ from `demo`.
+        return [f"stages.0.tokenizer.source={export}"] if start == "random" else [f"stages.0.init_from={export}"]
+    if start == "minilm-dapt":
+        out = cache / "starts" / "minilm-dapt"
+        export = out / "dapt-minilm" / "continue" / "model"
+        if not (export / "config.json").is_file():
+            print("continuing MiniLM's pre-training ...", flush=True)
+            steps = [f"stages.0.max_steps={pretrain_steps}"] if pretrain_steps else []
+            launcher("run", "jobs/dapt-minilm.yaml", "--local", "--stage", "continue", f"output_dir={out}", *steps)
+        return [f"stages.0.init_from={export}"]
+    raise SystemExit(f"--starts: unknown start {start!r} (one of {', '.join(STARTS)})")
+
+
+def labeled_reviews() -> int:
+    with TRAIN.open(newline="") as stream:
+        return sum(1 for _ in csv.DictReader(stream))
+
+
+def run_point(start: str, size: int | None, seed: int, args: argparse.Namespace, total: int) -> dict:
+    """One fine-tuning: the cached summary when there is one."""
+    split = args.split
+    out = args.cache / "points" / split / start / f"n{size or 'all'}" / f"seed{seed}"
+    summary_path = out / "transfer" / "finetune" / "summary.json"
+    if not summary_path.is_file():
+        labels = size or total
+        steps = max(math.ceil(3 * labels / 32), args.min_steps)
+        overrides = [f"output_dir={out}", f"seed={seed}", f"stages.0.optim.lr={args.lr}",
+                     *start_overrides(start, args.cache, args.pretrain_steps)]  # fmt: skip
+        overrides += [f"stages.0.max_steps={args.max_steps or steps}"]
+        if size is not None:
+            overrides.append(f"stages.0.data.max_train_samples={size}")
+        if split == "validation":  # 10% of the labeled training reviews, held out before the first N are taken
+            overrides += ["stages.0.data.eval=[]", "stages.0.data.eval_fraction=0.1"]
+        if args.max_eval:
+            overrides.append(f"stages.0.data.max_eval_samples={args.max_eval}")
+        launcher("run", str(JOB), "--local", *overrides)
+        for name in ("checkpoints", "model"):  # the curve needs the score, not the weights
+            shutil.rmtree(out / "transfer" / "finetune" / name, ignore_errors=True)
+    summary = json.loads(summary_path.read_text())
+    return {
+        "start": start, "labels": size or total, "seed": seed, "accuracy": summary["eval"]["accuracy"],
+        "majority": summary["reference"]["majority_accuracy"], "steps": summary["steps"], "wall_s": summary["wall_s"],
+    }  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path, split: str) -> None:
+    """Accuracy against labeled examples (log scale): mean over seeds, min-max band, majority class dashed."""
+    sys.path.insert(0, str(plot_deps()))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for start in dict.fromkeys(r["start"] for r in rows):
+        sizes = sorted({r["labels"] for r in rows if r["start"] == start})
+        scores = [[r["accuracy"] for r in rows if r["start"] == start and r["labels"] == n] for n in sizes]
+        axes.plot(sizes, [statistics.mean(s) for s in scores], marker="o", label=start)
+        axes.fill_between(sizes, [min(s) for s in scores], [max(s) for s in scores], alpha=0.2)
+    axes.axhline(max(r["majority"] for r in rows), linestyle="--", color="grey", label="majority class")
+    axes.set_xscale("log")
+    axes.set_xlabel("labeled training reviews")
+    axes.set_ylabel(f"{split} accuracy")
+    axes.set_title("Fresh/rotten accuracy by starting point (mean of seeds, min-max band)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plot_deps() -> Path:
+    """matplotlib and what the project lacks of its dependencies, in the benchmarks' own folder."""
+    if not (DEPS / "matplotlib").is_dir():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                        "--no-deps", "--target", str(DEPS), *PLOT_PACKAGES], check=True)  # fmt: skip
+    return DEPS
+
+
+def read_row(row: dict[str, str]) -> dict:
+    """A CSV row with its numbers as numbers."""
+    numbers = {k: float(row[k]) for k in ("accuracy", "majority", "wall_s")}
+    return {**row, **numbers, **{k: int(row[k]) for k in ("labels", "seed", "steps")}}
+
+
+def table(rows: list[dict]) -> str:
+    starts = list(dict.fromkeys(r["start"] for r in rows))
+    sizes = sorted({r["labels"] for r in rows})
+    lines = ["| start | " + " | ".join(f"{n:,}" for n in sizes) + " |", "|---" * (len(sizes) + 1) + "|"]
+    for start in starts:
+        cells = []
+        for n in sizes:
+            scores = [r["accuracy"] for r in rows if r["start"] == start and r["labels"] == n]
+            cells.append(f"{statistics.mean(scores):.3f} ({min(scores):.3f}-{max(scores):.3f})" if scores else "")
+        lines.append(f"| {start} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="250,500,1000,2000,5000,all")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--starts", default="random,demo,minilm")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "transfer")
+    parser.add_argument("--split", choices=("test", "validation"), default="test")
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--min-steps", type=int, default=250, help="fewest optimizer steps at any size")
+    parser.add_argument("--plot-only", action="store_true", help="plot what the cache holds; run nothing")
+    parser.add_argument("--pretrain-steps", type=int, help="(tests) pre-training steps of every made start")
+    parser.add_argument("--max-steps", type=int, help="(tests) fine-tuning steps of every point")
+    parser.add_argument("--max-eval", type=int, help="(tests) score on the first this many eval reviews")
+    args = parser.parse_args()
+    if not TRAIN.is_file():
+        raise SystemExit(f"{TRAIN} is missing: run `make data` first")
+    total = labeled_reviews()
+    sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    args.cache.mkdir(parents=True, exist_ok=True)
+    csv_path = args.cache / f"curve-{args.split}.csv"
+    if args.plot_only:
+        with csv_path.open(newline="") as stream:
+            rows = [read_row(r) for r in csv.DictReader(stream)]
+    else:
+        rows = []
+        for start in args.starts.split(","):
+            for size in sizes:
+                for seed in seeds:
+                    row = run_point(start, size, seed, args, total)
+                    rows.append(row)
+                    what = f"{start:<12} {row['labels']:>6} labels seed {seed}"
+                    done = f"{row['accuracy']:.4f} ({row['steps']} steps, {row['wall_s']:.0f} s)"
+                    print(f"{what}: {args.split} accuracy {done}", flush=True)
+        with csv_path.open("w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    png = csv_path.with_suffix(".png")
+    plot(rows, png, args.split)
+    print(table(rows))
+    print(f"wrote {csv_path} and {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The label-efficiency curve's runner (benchmarks/transfer_curve.py) on a tiny budget: real `launcher run`s."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def curve(cache: Path, *args: str) -> subprocess.CompletedProcess:
+    tiny = ["--pretrain-steps", "4", "--max-steps", "3", "--max-eval", "200", "--seeds", "0"]
+    command = [sys.executable, "benchmarks/transfer_curve.py", "--cache", str(cache), *tiny, *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def test_curve_runner_writes_the_csv_and_a_readable_plot_and_replots_from_its_cache(tmp_path) -> None:
+    from PIL import Image
+
+    first = curve(tmp_path, "--starts", "random,demo", "--sizes", "40,80")
+    assert "pre-training demo (4 steps)" in first.stdout
+    with (tmp_path / "curve-test.csv").open(newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert {(r["start"], r["labels"]) for r in rows} == {(s, n) for s in ("random", "demo") for n in ("40", "80")}
+    assert all(0.0 <= float(r["accuracy"]) <= 1.0 and r["steps"] == "3" for r in rows)
+    image = Image.open(tmp_path / "curve-test.png")
+    assert image.size == (840, 540)
+    low, high = image.convert("L").getextrema()
+    assert high - low > 100, "something is drawn on it"
+    assert "| random |" in first.stdout and "| demo |" in first.stdout, "the table"
+
+    def stage_summaries() -> list[Path]:
+        return sorted(p for p in (tmp_path / "points").rglob("summary.json") if p.parent.name == "finetune")
+
+    points = stage_summaries()
+    assert len(points) == 4
+    assert not list((tmp_path / "points").rglob("model.safetensors")), "fine-tuned weights are not kept"
+    again = curve(tmp_path, "--starts", "random,demo", "--sizes", "40,80")
+    assert "pre-training" not in again.stdout, "the start is cached"
+    assert [p.stat().st_mtime_ns for p in points] == [p.stat().st_mtime_ns for p in stage_summaries()], "none re-ran"
+    (tmp_path / "curve-test.png").unlink()
+    curve(tmp_path, "--plot-only")
+    assert (tmp_path / "curve-test.png").is_file()
+
+    # Settings are chosen on 10% carved from the labeled training reviews, not on the test set.
+    validation = curve(tmp_path, "--starts", "random", "--sizes", "40", "--split", "validation")
+    assert "validation accuracy" in validation.stdout
+    assert (tmp_path / "curve-validation.csv").is_file() and (tmp_path / "points" / "validation").is_dir()
