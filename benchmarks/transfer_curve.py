@@ -15,7 +15,8 @@ settings without looking at the test set). Starting points, each made once throu
   minilm-dapt   MiniLM after jobs/dapt-minilm.yaml's continued masked-LM pre-training on the reviews
 Everything lands under --cache (starts/, points/): a point whose summary is there is not run again, so
 re-plotting (or adding a seed) costs only what is new. Fine-tuned weights are deleted after scoring.
-Writes <cache>/curve-<split>.csv (start, labels, seed, accuracy, steps, wall_s) and a PNG beside it:
+Writes every cached point of the split, this run's and earlier ones', to <cache>/curve-<split>.csv
+(start, labels, seed, accuracy, majority, steps, wall_s) and a PNG beside it:
 accuracy against labeled examples (log scale), one line per start (mean over seeds, min-max band),
 the majority class dashed. matplotlib is installed with its missing dependencies into
 runs/bench-deps (the benchmarks' own folder), not into the project.
@@ -85,12 +86,18 @@ def labeled_reviews() -> int:
         return sum(1 for _ in csv.DictReader(stream))
 
 
-def run_point(start: str, size: int | None, seed: int, args: argparse.Namespace, total: int) -> dict:
-    """One fine-tuning: the cached summary when there is one."""
+def point_dir(cache: Path, split: str, start: str, size: int | None, seed: int) -> Path:
+    return cache / "points" / split / start / f"n{size or 'all'}" / f"seed{seed}"
+
+
+SUMMARY = Path("transfer") / "finetune" / "summary.json"  # under a point's folder
+
+
+def run_point(start: str, size: int | None, seed: int, args: argparse.Namespace, total: int) -> None:
+    """One fine-tuning, unless its summary is cached."""
     split = args.split
-    out = args.cache / "points" / split / start / f"n{size or 'all'}" / f"seed{seed}"
-    summary_path = out / "transfer" / "finetune" / "summary.json"
-    if not summary_path.is_file():
+    out = point_dir(args.cache, split, start, size, seed)
+    if not (out / SUMMARY).is_file():
         labels = size or total
         steps = max(math.ceil(3 * labels / 32), args.min_steps)
         overrides = [f"output_dir={out}", f"seed={seed}", f"stages.0.optim.lr={args.lr}",
@@ -105,11 +112,22 @@ def run_point(start: str, size: int | None, seed: int, args: argparse.Namespace,
         launcher("run", str(JOB), "--local", *overrides)
         for name in ("checkpoints", "model"):  # the curve needs the score, not the weights
             shutil.rmtree(out / "transfer" / "finetune" / name, ignore_errors=True)
-    summary = json.loads(summary_path.read_text())
-    return {
-        "start": start, "labels": size or total, "seed": seed, "accuracy": summary["eval"]["accuracy"],
-        "majority": summary["reference"]["majority_accuracy"], "steps": summary["steps"], "wall_s": summary["wall_s"],
-    }  # fmt: skip
+
+
+def cached_rows(cache: Path, split: str, total: int, order: list[str]) -> list[dict]:
+    """Every point of the split in the cache (this invocation's and earlier ones'), `order`'s starts first."""
+    rows = []
+    for path in sorted((cache / "points" / split).glob(f"*/n*/seed*/{SUMMARY}")):
+        seed_dir = path.parents[2]
+        size, start = seed_dir.parent.name[1:], seed_dir.parent.parent.name
+        summary = json.loads(path.read_text())
+        rows.append({
+            "start": start, "labels": total if size == "all" else int(size), "seed": int(seed_dir.name[4:]),
+            "accuracy": summary["eval"]["accuracy"], "majority": summary["reference"]["majority_accuracy"],
+            "steps": summary["steps"], "wall_s": summary["wall_s"],
+        })  # fmt: skip
+    rank = {start: i for i, start in enumerate(order)}
+    return sorted(rows, key=lambda r: (rank.get(r["start"], len(rank)), r["start"], r["labels"], r["seed"]))
 
 
 def plot(rows: list[dict], path: Path, split: str) -> None:
@@ -146,12 +164,6 @@ def plot_deps() -> Path:
     return DEPS
 
 
-def read_row(row: dict[str, str]) -> dict:
-    """A CSV row with its numbers as numbers."""
-    numbers = {k: float(row[k]) for k in ("accuracy", "majority", "wall_s")}
-    return {**row, **numbers, **{k: int(row[k]) for k in ("labels", "seed", "steps")}}
-
-
 def table(rows: list[dict]) -> str:
     starts = list(dict.fromkeys(r["start"] for r in rows))
     sizes = sorted({r["labels"] for r in rows})
@@ -174,7 +186,7 @@ def main() -> None:
     parser.add_argument("--split", choices=("test", "validation"), default="test")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--min-steps", type=int, default=250, help="fewest optimizer steps at any size")
-    parser.add_argument("--plot-only", action="store_true", help="plot what the cache holds; run nothing")
+    parser.add_argument("--plot-only", action="store_true", help="tabulate and plot the cache; run nothing")
     parser.add_argument("--pretrain-steps", type=int, help="(tests) pre-training steps of every made start")
     parser.add_argument("--max-steps", type=int, help="(tests) fine-tuning steps of every point")
     parser.add_argument("--max-eval", type=int, help="(tests) score on the first this many eval reviews")
@@ -185,24 +197,23 @@ def main() -> None:
     sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     args.cache.mkdir(parents=True, exist_ok=True)
+    starts = args.starts.split(",")
+    for start in [] if args.plot_only else starts:
+        for size in sizes:
+            for seed in seeds:
+                run_point(start, size, seed, args, total)
+                summary = json.loads((point_dir(args.cache, args.split, start, size, seed) / SUMMARY).read_text())
+                what = f"{start:<12} {size or total:>6} labels seed {seed}"
+                done = f"{summary['eval']['accuracy']:.4f} ({summary['steps']} steps, {summary['wall_s']:.0f} s)"
+                print(f"{what}: {args.split} accuracy {done}", flush=True)
+    rows = cached_rows(args.cache, args.split, total, starts)
+    if not rows:
+        raise SystemExit(f"no {args.split} points under {args.cache / 'points'}: run without --plot-only first")
     csv_path = args.cache / f"curve-{args.split}.csv"
-    if args.plot_only:
-        with csv_path.open(newline="") as stream:
-            rows = [read_row(r) for r in csv.DictReader(stream)]
-    else:
-        rows = []
-        for start in args.starts.split(","):
-            for size in sizes:
-                for seed in seeds:
-                    row = run_point(start, size, seed, args, total)
-                    rows.append(row)
-                    what = f"{start:<12} {row['labels']:>6} labels seed {seed}"
-                    done = f"{row['accuracy']:.4f} ({row['steps']} steps, {row['wall_s']:.0f} s)"
-                    print(f"{what}: {args.split} accuracy {done}", flush=True)
-        with csv_path.open("w", newline="") as stream:
-            writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    with csv_path.open("w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     png = csv_path.with_suffix(".png")
     plot(rows, png, args.split)
     print(table(rows))
