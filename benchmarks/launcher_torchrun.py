@@ -15,9 +15,9 @@ import sys
 
 import torch
 
+from launcher.contract import StageLaunch
 from launcher.coordinator.driver import resolve
 from launcher.spec.load import load_spec
-from launcher.spec.plan import plan_as_dict
 from launcher.worker.context import RankContext
 from launcher.worker.entry import run_stage
 
@@ -38,7 +38,7 @@ def main(job: str, output_dir: str, steps: int, log_every: int, device_type: str
     torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = torch.distributed.get_rank()
     context = RankContext(rank, torch.distributed.get_world_size(), local_rank, device)
-    run_stage(spec.model_dump(mode="json"), 0, plan_as_dict(plan), context)
+    run_stage(StageLaunch.of(spec, 0, plan), context)
 
 
 if __name__ == "__main__":

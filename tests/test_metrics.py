@@ -37,10 +37,21 @@ def test_gpu_peak_table_matches_whole_model_names() -> None:
     assert math.isnan(peak) and "unknown GPU" in source
 
 
-def _demo_summaries(accuracy: dict[str, float], majority: float = 0.579) -> list[dict]:
-    rows = [{"stage": "pretrain", "eval": {"loss": 5.8}, "reference": {}}]
+def _result(stage: str, task: str, evals: dict, reference: dict):
+    from launcher.contract import StageResult
+
+    return StageResult(
+        stage=stage, task=task, steps=10, tokens=1000, wall_s=1.0, train_loss=0.5, eval=evals, reference=reference,
+        world_size=1, global_batch_size=32, zero_stage=0, precision="fp32", num_params=10, optimizer_state_bytes=80,
+        fp32_master_bytes=0, flops_per_token=60.0, peak_flops_per_device=1e9, peak_flops_source="measured",
+        init_from=None, resumed_from_step=None, process_s=2.0, peak_memory_bytes=1,
+    )  # fmt: skip
+
+
+def _demo_summaries(accuracy: dict[str, float], majority: float = 0.579) -> list:
+    rows = [_result("pretrain", "mlm", {"loss": 5.8}, {})]
     rows += [
-        {"stage": name, "eval": {"loss": 0.5, "accuracy": acc}, "reference": {"majority_accuracy": majority}}
+        _result(name, "classification", {"loss": 0.5, "accuracy": acc}, {"majority_accuracy": majority})
         for name, acc in accuracy.items()
     ]
     return rows

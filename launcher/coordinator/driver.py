@@ -9,7 +9,6 @@ from __future__ import annotations
 import signal
 import tempfile
 from collections.abc import Callable
-from typing import Any
 
 from launcher import atomic
 from launcher.checkpoints import (
@@ -20,6 +19,7 @@ from launcher.checkpoints import (
     resume_problem,
     run_meta,
 )
+from launcher.contract import StageLaunch, StageResult
 from launcher.coordinator.signals import Interrupted, StopOnSignal
 from launcher.coordinator.start_check import check_start
 from launcher.data.prepare import JobRunner, PreparedStage, prepare_job, run_jobs_locally
@@ -27,10 +27,10 @@ from launcher.errors import UserError
 from launcher.metrics.ladder import render_ladder
 from launcher.spec import layout
 from launcher.spec.models import JobSpec
-from launcher.spec.plan import StagePlan, plan_as_dict, plan_job
+from launcher.spec.plan import StagePlan, plan_job
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; the same command resumes
-StageRunner = Callable[[dict[str, Any], int, dict[str, Any]], dict[str, Any]]
+StageRunner = Callable[[StageLaunch], StageResult]  # runs one stage's ranks: in this process, or on Ray
 
 
 def claim_job_dir(spec: JobSpec) -> None:
@@ -69,12 +69,20 @@ def resolve(
     return prepared, plan_job(spec, local, counts, estimate=False)  # workers count their model's parameters
 
 
-def completed_summary(spec: JobSpec, plan: StagePlan) -> dict[str, Any] | None:
+def completed_result(spec: JobSpec, plan: StagePlan) -> StageResult | None:
+    """The stage's result from its `summary.json` when it ran all its steps, else None (it runs or resumes)."""
     path = layout.summary_path(spec, plan.name)
     if not path.exists():
         return None
     summary = atomic.read_json(path, if_torn="the stage is not complete; it resumes from its last checkpoint")
-    return summary if isinstance(summary, dict) and summary.get("steps", 0) >= (plan.steps or 0) else None
+    if not isinstance(summary, dict):
+        return None
+    try:
+        result = StageResult.from_json(summary)
+    except (KeyError, TypeError) as exc:
+        print(f"warning: {path} lacks {exc} (another launcher version?); the stage runs again to write it")
+        return None
+    return result if result.steps >= (plan.steps or 0) else None
 
 
 def check_resumable(spec: JobSpec, index: int, plan: StagePlan) -> None:
@@ -143,15 +151,15 @@ def run_job(
     selected = select_stage(spec, only)
     with StopOnSignal() as signals:
         try:
-            summaries = _run_stages(spec, local, run_stage, selected, run_jobs, signals)
+            results = _run_stages(spec, local, run_stage, selected, run_jobs, signals)
         except KeyboardInterrupt:
             raise Interrupted(signals.signum or signal.SIGINT) from None
-    if summaries is None:
+    if results is None:
         return EXIT_STOPPED
     if selected is None:
-        job_summary = {"job": spec.name, "stages": summaries}
+        job_summary = {"job": spec.name, "stages": [result.to_json() for result in results]}
         atomic.write_json(layout.job_dir(spec) / "summary.json", job_summary)
-    print(render_results(spec, summaries, "job" if selected is None else f"stage {only} of job"))
+    print(render_results(spec, results, "job" if selected is None else f"stage {only} of job"))
     return 0
 
 
@@ -162,8 +170,8 @@ def _run_stages(
     selected: int | None,
     run_jobs: JobRunner,
     signals: StopOnSignal,
-) -> list[dict[str, Any]] | None:
-    """The stages' summaries, or None when a stage stopped on request (or a signal came between stages)."""
+) -> list[StageResult] | None:
+    """The stages' results, or None when a stage stopped on request (or a signal came between stages)."""
     claim_job_dir(spec)
     only = None if selected is None else spec.stages[selected].name
     if selected is not None:
@@ -171,39 +179,38 @@ def _run_stages(
             if not layout.summary_path(spec, name).exists():  # written only when a stage completes
                 raise UserError(f"--stage: {only} reads stage {name!r}, which has not completed; run it first")
     prepared, plans = resolve(spec, local, only=only, run_jobs=run_jobs)
-    spec_data = spec.model_dump(mode="json")
-    summaries = []
+    results = []
     for index, plan in enumerate(plans):
         if selected is not None and index != selected:
             continue
         if signals.signum is not None:
             print(f"stopped before stage {plan.name}; re-run to go on", flush=True)
             return None
-        summary = _run_one(spec, spec_data, index, plan, prepared, run_stage, signals)
-        if summary.get("stopped"):
-            print(f"stage {plan.name}: stopped at step {summary['steps']} after a checkpoint; re-run to resume")
+        result = _run_one(spec, index, plan, prepared, run_stage, signals)
+        if result.stopped:
+            print(f"stage {plan.name}: stopped at step {result.steps} after a checkpoint; re-run to resume")
             return None
-        summaries.append(summary)
-    return summaries
+        results.append(result)
+    return results
 
 
 def _run_one(
     spec: JobSpec,
-    spec_data: dict[str, Any],
     index: int,
     plan: StagePlan,
     prepared: dict[str, PreparedStage],
     run_stage: StageRunner,
     signals: StopOnSignal,
-) -> dict[str, Any]:
+) -> StageResult:
     """Stage `index`: skipped when complete; else checked, then run through `run_stage`."""
-    done = completed_summary(spec, plan)
+    done = completed_result(spec, plan)
     if done is not None:
-        print(f"stage {plan.name}: already complete ({done['steps']} steps), skipped", flush=True)
+        print(f"stage {plan.name}: already complete ({done.steps} steps), skipped", flush=True)
         return done
     check_start(spec, index, prepared[plan.name].vocab_size)  # an earlier stage's export exists by now
     check_resumable(spec, index, plan)
-    stage_dir = layout.stage_dir(spec, plan.name)
+    launch = StageLaunch.of(spec, index, plan)
+    stage_dir = launch.paths.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
     print(
         f"stage {plan.name}: {plan.steps} steps, global batch {plan.global_batch_size}, world size "
@@ -215,22 +222,22 @@ def _run_one(
     (stage_dir / layout.STOP_FILE).unlink(missing_ok=True)
     signals.watch(stage_dir / layout.STOP_FILE)
     try:
-        return run_stage(spec_data, index, plan_as_dict(plan))
+        return run_stage(launch)
     finally:
         signals.watch(None)
         (stage_dir / layout.STOP_FILE).unlink(missing_ok=True)  # asked for after the stage's last step: not needed
 
 
-def render_results(spec: JobSpec, summaries: list[dict[str, Any]], what: str = "job") -> str:
+def render_results(spec: JobSpec, results: list[StageResult], what: str = "job") -> str:
     lines = [f"{what} {spec.name} complete: {layout.job_dir(spec)}"]
-    for summary in summaries:
-        evals = " ".join(f"eval_{k} {v:.4f}" for k, v in summary["eval"].items() if v is not None)
-        evals += "".join(f" ({k} {v:.4f})" for k, v in summary.get("reference", {}).items())
-        loss = summary["train_loss"]
+    for result in results:
+        evals = " ".join(f"eval_{k} {v:.4f}" for k, v in result.eval.items() if v is not None)
+        evals += "".join(f" ({k} {v:.4f})" for k, v in result.reference.items())
+        loss = result.train_loss
         lines.append(
-            f"  {summary['stage']:<12} steps {summary['steps']:<6} train_loss "
-            f"{'nan' if loss is None else f'{loss:.4f}'}  {evals}  wall {summary['wall_s']:.1f}s"
+            f"  {result.stage:<12} steps {result.steps:<6} train_loss "
+            f"{'nan' if loss is None else f'{loss:.4f}'}  {evals}  wall {result.wall_s:.1f}s"
         )
-    lines += render_ladder(spec, summaries)
+    lines += render_ladder(spec, results)
     lines.append(f"monitor: tensorboard --logdir {layout.job_dir(spec)} --host 127.0.0.1")
     return "\n".join(lines)

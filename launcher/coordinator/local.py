@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import gc
-from typing import Any
 
+from launcher.contract import StageLaunch, StageResult
 from launcher.spec.models import JobSpec
 
 
-def run_stage_local(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any]) -> dict[str, Any]:
+def run_stage_local(launch: StageLaunch) -> StageResult:
     from launcher.worker.context import local_context
     from launcher.worker.entry import run_stage
 
-    use_gpu = None if not spec_data["cluster"]["use_gpu"] else True
     try:
-        return run_stage(spec_data, index, plan_data, local_context(use_gpu))
+        return run_stage(launch, local_context(True if launch.spec.cluster.use_gpu else None))
     finally:
         gc.collect()
 

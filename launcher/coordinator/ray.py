@@ -23,26 +23,24 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from launcher import atomic
+from launcher.contract import StageLaunch, StageResult
 from launcher.errors import RunError, UserError
 from launcher.hooks import LOOP_ENV
-from launcher.spec import layout
-from launcher.spec.load import parse_spec
 from launcher.spec.models import JobSpec
 
 # Variables the workers need from the driver's environment (never secrets).
 _FORWARDED_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR", *LOOP_ENV)
 
 
-def _train_worker(config: dict[str, Any]) -> None:
-    """Runs inside every Ray Train worker."""
+def _train_worker(config: dict[str, Any]) -> StageResult:
+    """Runs inside every Ray Train worker; Ray Train hands rank 0's result to the driver (`Result.return_value`)."""
     if Path(config["cwd"]).is_dir():
-        os.chdir(config["cwd"])  # relative paths in the spec mean the same as on the driver
+        os.chdir(config["cwd"])  # relative paths in the launch mean the same as on the driver
     from launcher.worker.context import ray_context
     from launcher.worker.entry import run_stage
 
-    spec_data = config["spec"]
-    run_stage(spec_data, config["index"], config["plan"], ray_context(spec_data["cluster"]["use_gpu"]))
+    launch: StageLaunch = config["launch"]
+    return run_stage(launch, ray_context(launch.spec.cluster.use_gpu))
 
 
 def trainer_class(private: bool) -> type:
@@ -77,29 +75,26 @@ def trainer_class(private: bool) -> type:
     return LauncherTrainer
 
 
-def run_stage_ray(
-    spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], private: bool = False
-) -> dict[str, Any]:
+def run_stage_ray(launch: StageLaunch, private: bool = False) -> StageResult:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
     from launcher.worker.watchdog import hang_report, watchdog_notes
 
-    spec = parse_spec(spec_data)
-    stage, cluster = spec.stages[index], spec.cluster
+    cluster = launch.spec.cluster
     resources: dict[str, float] = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = 1
     trainer = trainer_class(private)(
         _train_worker,
-        train_loop_config={"spec": spec_data, "index": index, "plan": plan_data, "cwd": os.getcwd()},
+        train_loop_config={"launch": launch, "cwd": os.getcwd()},
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo", timeout_s=cluster.collective_timeout_s),
         scaling_config=ScalingConfig(
-            num_workers=plan_data["world_size"], use_gpu=cluster.use_gpu, resources_per_worker=resources
+            num_workers=launch.plan.world_size, use_gpu=cluster.use_gpu, resources_per_worker=resources
         ),
         run_config=RunConfig(
-            name="checkpoints",
-            storage_path=str(layout.stage_dir(spec, stage.name).resolve()),
+            name=launch.paths.checkpoints.name,
+            storage_path=str(launch.paths.checkpoints.parent.resolve()),
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             # Rank 0 prunes after its commit: only committed checkpoints count toward the kept ones.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
@@ -108,10 +103,10 @@ def run_stage_ray(
     # Ray Train's own hang detection: its barriers (every `ray.train.report`) give up after this long.
     # Read from the driver's environment; Ray hands it to its controller and workers.
     os.environ["RAY_TRAIN_COLLECTIVE_TIMEOUT_S"] = str(cluster.collective_timeout_s)
-    notes = watchdog_notes(layout.stage_dir(spec, stage.name))
+    notes = watchdog_notes(launch.paths.stage_dir)
     shutil.rmtree(notes, ignore_errors=True)
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as exc:  # a user or run error inside the workers: the same one line as in debug mode
         known = _known_error(exc)
         hung = hang_report(notes)
@@ -120,16 +115,8 @@ def run_stage_ray(
         if known is None:
             raise
         raise known from None
-    summary_path = layout.summary_path(spec, stage.name)
-    summary = atomic.read_json(summary_path)
-    if isinstance(summary, dict) and summary["steps"] >= plan_data["steps"]:
-        return summary
-    # Finished without a summary: rank 0 stopped on request after a checkpoint.
-    from launcher.checkpoints import latest_checkpoint, read_meta
-
-    latest = latest_checkpoint(layout.checkpoints_dir(spec, stage.name))
-    saved = None if latest is None else read_meta(latest)
-    return {"stage": stage.name, "steps": 0 if saved is None else saved["step"], "stopped": True}
+    assert isinstance(result.return_value, StageResult), f"rank 0 returned {type(result.return_value).__name__}"
+    return result.return_value
 
 
 def _known_error(exc: BaseException) -> UserError | RunError | None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from launcher.contract import StageResult
 from launcher.spec.models import JobSpec, StageSpec
 
 
@@ -35,28 +35,28 @@ def start_of(spec: JobSpec, stage: StageSpec) -> tuple[str, str]:
     return "random initialisation", "scratch"
 
 
-def rungs(spec: JobSpec, summaries: list[dict[str, Any]]) -> tuple[float, list[Rung]] | None:
+def rungs(spec: JobSpec, results: list[StageResult]) -> tuple[float, list[Rung]] | None:
     """The majority-class accuracy and the ranked stages of the largest group sharing eval files (None if < 2)."""
-    done = {s["stage"]: s for s in summaries}
-    groups: dict[tuple[str, ...], list[tuple[StageSpec, dict[str, Any]]]] = {}
+    done = {result.stage: result for result in results}
+    groups: dict[tuple[str, ...], list[tuple[StageSpec, StageResult]]] = {}
     for stage in spec.stages:
-        summary = done.get(stage.name)
-        if stage.task != "classification" or not stage.data.eval or summary is None:
+        result = done.get(stage.name)
+        if stage.task != "classification" or not stage.data.eval or result is None:
             continue
-        if summary.get("eval", {}).get("accuracy") is None:
+        if result.eval.get("accuracy") is None:
             continue
-        groups.setdefault(tuple(stage.data.eval), []).append((stage, summary))
+        groups.setdefault(tuple(stage.data.eval), []).append((stage, result))
     if not groups:
         return None
     group = max(groups.values(), key=len)
     if len(group) < 2:
         return None
-    majority = max(s.get("reference", {}).get("majority_accuracy", 0.0) for _, s in group)
+    majority = max(result.reference.get("majority_accuracy", 0.0) for _, result in group)
     ranked = []
-    for stage, summary in group:
+    for stage, result in group:
         start, kind = start_of(spec, stage)
         labeled = "all" if stage.data.max_train_samples is None else f"{stage.data.max_train_samples:,}"
-        ranked.append(Rung(stage.name, start, kind, labeled, float(summary["eval"]["accuracy"])))
+        ranked.append(Rung(stage.name, start, kind, labeled, float(result.eval["accuracy"] or 0.0)))
     ranked.sort(key=lambda r: -r.accuracy)
     return majority, ranked
 
@@ -90,9 +90,9 @@ def verdict(majority: float, ranked: list[Rung]) -> str:
     return sentence[0].upper() + sentence[1:] + "."
 
 
-def render_ladder(spec: JobSpec, summaries: list[dict[str, Any]]) -> list[str]:
+def render_ladder(spec: JobSpec, results: list[StageResult]) -> list[str]:
     """The ladder's lines (none when the job has fewer than two comparable classification stages)."""
-    found = rungs(spec, summaries)
+    found = rungs(spec, results)
     if found is None:
         return []
     majority, ranked = found

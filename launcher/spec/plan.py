@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
@@ -189,10 +189,6 @@ def render_plan(spec: JobSpec, plans: list[StagePlan], local: bool) -> str:
             f"  parameters {params}; model states per worker (ZeRO-{plan.zero_stage}) {memory}",
         ]
     return "\n".join(lines)
-
-
-def plan_as_dict(plan: StagePlan) -> dict[str, object]:
-    return asdict(plan)
 
 
 def _gib(num_bytes: int) -> str:

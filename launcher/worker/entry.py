@@ -1,7 +1,8 @@
-"""Per-rank entry: rebuild the spec, build tokenizer, task, model and engine, train, export.
+"""Per-rank entry: build tokenizer, task, model and engine from the driver's `StageLaunch`, train, export.
 
 The same function runs in debug mode (one process) and in every Ray worker; only the
-`RankContext` differs.
+`RankContext` differs. It trusts the launch: the spec was validated, the plan derived and the
+paths resolved on the driver.
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import yaml
 
 from launcher import atomic
 from launcher.checkpoints import UNIVERSAL, needs_universal, read_meta, resume_problem, run_meta
+from launcher.contract import StageLaunch, StageResult
 from launcher.data.tokenizer import load_tokenizer
 from launcher.errors import UserError
+from launcher.hooks import loop_hooks
 from launcher.metrics import MetricsWriter, NullWriter, flops_per_token, json_safe, peak_flops
-from launcher.spec import layout
 from launcher.spec.deepspeed_config import build_deepspeed_config
-from launcher.spec.load import parse_spec
-from launcher.spec.plan import StagePlan
+from launcher.spec.layout import STOP_FILE
 from launcher.tasks import build_task
 from launcher.worker.checkpoint import export_model, load_checkpoint
 from launcher.worker.context import RankContext
@@ -31,32 +32,28 @@ from launcher.worker.loop import Loop, TrainState
 from launcher.worker.watchdog import StepWatchdog, watchdog_notes
 
 
-def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], ctx: RankContext) -> dict[str, Any]:
-    """Train stage `index` on this rank; returns the stage summary (`stopped` when asked to stop early)."""
+def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
+    """Train the launched stage on this rank; returns its result (`stopped` when asked to stop early)."""
     started = time.perf_counter()
     quiet_libraries()
-    spec = parse_spec(spec_data)
-    stage = spec.stages[index]
-    plan = StagePlan(**plan_data)
+    spec, index, plan, paths = launch.spec, launch.index, launch.plan, launch.paths
+    stage = launch.stage
     assert plan.world_size == ctx.world_size, f"plan is for {plan.world_size} ranks, this run has {ctx.world_size}"
     assert plan.steps is not None, "the coordinator resolves steps before launching"
     print(f"stage {stage.name}: rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device})", flush=True)
-    stage_dir = layout.stage_dir(spec, stage.name)
-    checkpoints = layout.checkpoints_dir(spec, stage.name)
 
     torch.manual_seed(spec.seed)
-    tokenizer = load_tokenizer(layout.tokenizer_dir(spec, stage.name))
+    tokenizer = load_tokenizer(paths.tokenizer_dir)
     task = build_task(stage, tokenizer)
-    start = layout.start_dir(spec, stage)
-    model = task.build_model(start)
+    model = task.build_model(paths.start)
     fresh = task.fresh_modules()
     if fresh is not None and ctx.is_main:
-        print(f"stage {stage.name}: {start} has no weights for {fresh}; they start from random init", flush=True)
+        print(f"stage {stage.name}: {paths.start} has no weights for {fresh}; they start from random init", flush=True)
     fpt = flops_per_token(model, plan.seq_len, stage.mlm_probability if stage.task == "mlm" else 1.0)
     num_params = sum(p.numel() for p in model.parameters())
     ds_config = build_deepspeed_config(spec.deepspeed, stage, plan)
     meta = run_meta(ctx.world_size, plan.global_batch_size, plan.zero_stage, stage.precision)
-    restore = ctx.restore_dir(checkpoints)
+    restore = ctx.restore_dir(paths.checkpoints)
     universal = False
     if restore is not None:
         saved = read_meta(restore)
@@ -76,21 +73,20 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
         state = TrainState(**load_checkpoint(engine, restore, universal)["train_state"])
     resumed_from_step = None if restore is None else state.step
     peak, peak_source = peak_flops(ctx.device, stage.precision)
-    writer = MetricsWriter(stage_dir, stage.name, state.step, plan.steps) if ctx.is_main else NullWriter()
+    writer = MetricsWriter(paths.stage_dir, stage.name, state.step, plan.steps) if ctx.is_main else NullWriter()
     if state.step == 0:
-        writer.text("spec", "```\n" + yaml.safe_dump(spec_data, sort_keys=False) + "```")
+        writer.text("spec", "```\n" + yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False) + "```")
         writer.text("deepspeed_config", "```\n" + json.dumps(ds_config, indent=1) + "```")
-    data_dir = layout.data_dir(spec, stage.name)
+    stop, callbacks = loop_hooks(paths.stage_dir / STOP_FILE, stage.name, ctx.rank)
     loop = Loop(
-        engine=engine, task=task, stage=stage, plan=plan, ctx=ctx, writer=writer, stage_dir=stage_dir,
-        checkpoints=checkpoints, seed=spec.seed,
-        train_set=task.dataset(data_dir, "train", spec.seed), eval_set=task.dataset(data_dir, "eval", spec.seed),
-        flops_per_token=fpt, peak_flops=peak,
-        checkpoint_meta=meta,
+        engine=engine, task=task, stage=stage, plan=plan, ctx=ctx, writer=writer, checkpoints=paths.checkpoints,
+        seed=spec.seed, train_set=task.dataset(paths.data_dir, "train", spec.seed),
+        eval_set=task.dataset(paths.data_dir, "eval", spec.seed), flops_per_token=fpt, peak_flops=peak,
+        checkpoint_meta=meta, stop=stop, callbacks=callbacks,
     )  # fmt: skip
     stopped = False
     if state.step < plan.steps:
-        timeout, notes = spec.cluster.step_timeout_s, watchdog_notes(stage_dir)
+        timeout, notes = spec.cluster.step_timeout_s, watchdog_notes(paths.stage_dir)
         loop.watchdog = None if timeout is None else StepWatchdog(timeout, ctx.rank, stage.name, notes)
         try:
             state, stopped = loop.run(state)
@@ -98,35 +94,35 @@ def run_stage(spec_data: dict[str, Any], index: int, plan_data: dict[str, Any], 
             if loop.watchdog is not None:
                 loop.watchdog.stop()
     writer.close()
-    summary: dict[str, Any] = {
-        "stage": stage.name,
-        "task": stage.task,
-        "steps": state.step,
-        "tokens": state.tokens,
-        "wall_s": round(state.wall_s, 3),
-        "train_loss": json_safe(state.last_train_loss),
-        "eval": {key: json_safe(value) for key, value in state.eval.items()},
-        "reference": task.reference_metrics(loop.eval_set),
-        "world_size": ctx.world_size,
-        "global_batch_size": plan.global_batch_size,
-        "zero_stage": plan.zero_stage,
-        "precision": stage.precision,
-        "num_params": num_params,
+    result = StageResult(
+        stage=stage.name,
+        task=stage.task,
+        steps=state.step,
+        tokens=state.tokens,
+        wall_s=round(state.wall_s, 3),
+        train_loss=json_safe(state.last_train_loss),
+        eval={key: json_safe(value) for key, value in state.eval.items()},
+        reference=task.reference_metrics(loop.eval_set),
+        world_size=ctx.world_size,
+        global_batch_size=plan.global_batch_size,
+        zero_stage=plan.zero_stage,
+        precision=stage.precision,
+        num_params=num_params,
         **optimizer_state_bytes(engine),
-        "flops_per_token": fpt,
-        "peak_flops_per_device": peak,
-        "peak_flops_source": peak_source,
-        "init_from": stage.init_from,
-        "resumed_from_step": resumed_from_step,
-        "process_s": round(time.perf_counter() - started, 3),
-        "peak_memory_bytes": peak_memory_bytes(ctx.device),
-        "stopped": stopped,
-    }
+        flops_per_token=fpt,
+        peak_flops_per_device=peak,
+        peak_flops_source=peak_source,
+        init_from=stage.init_from,
+        resumed_from_step=resumed_from_step,
+        process_s=round(time.perf_counter() - started, 3),
+        peak_memory_bytes=peak_memory_bytes(ctx.device),
+        stopped=stopped,
+    )
     if not stopped:
-        export_model(engine, tokenizer, layout.model_dir(spec, stage.name), ctx.is_main)
+        export_model(engine, tokenizer, paths.model_dir, ctx.is_main)
         if ctx.is_main:
-            atomic.write_json(layout.summary_path(spec, stage.name), summary)
-    return summary
+            atomic.write_json(paths.summary, result.to_json())
+    return result
 
 
 def optimizer_state_bytes(engine: Any) -> dict[str, int]:
@@ -138,9 +134,13 @@ def optimizer_state_bytes(engine: Any) -> dict[str, int]:
     wrapper = engine.optimizer
     base = getattr(wrapper, "optimizer", wrapper)  # ZeRO wrappers hold the torch optimizer
     moments = nbytes(t for state in base.state.values() for t in state.values())
-    master = 0
-    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
-        master += nbytes(getattr(wrapper, name, None) or [])
+    # ZeRO-1/2, ZeRO-3 and the bf16 optimizer's fp32 partitions (DeepSpeed internals, as named in 0.19.8).
+    names = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
+    keeps_master = engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
+    assert not keeps_master or any(hasattr(wrapper, n) for n in names), (
+        f"{type(wrapper).__name__} has none of {names}: DeepSpeed renamed its fp32 partitions (checked with 0.19.8)"
+    )
+    master = sum(nbytes(getattr(wrapper, name, None) or []) for name in names)
     return {"optimizer_state_bytes": moments, "fp32_master_bytes": master}
 
 

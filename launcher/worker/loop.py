@@ -9,10 +9,9 @@ workers without: the run's trajectory does not depend on the worker count.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,8 @@ import torch
 
 from launcher.data.sampler import StepSampler
 from launcher.errors import RunError
-from launcher.hooks import HANG_AT_STEP_ENV, STOP_AFTER_STEP_ENV, STOP_FILE_ENV, TRACE_SAMPLES_ENV
+from launcher.hooks import StepCallback, StopPolicy
 from launcher.metrics import NullWriter
-from launcher.spec.layout import STOP_FILE
 from launcher.spec.models import StageSpec
 from launcher.spec.plan import StagePlan
 from launcher.tasks import EvalSums, Task
@@ -59,7 +57,6 @@ class Loop:
     plan: StagePlan
     ctx: RankContext
     writer: NullWriter
-    stage_dir: Path
     checkpoints: Path
     seed: int
     train_set: Any
@@ -67,6 +64,8 @@ class Loop:
     flops_per_token: float
     peak_flops: float
     checkpoint_meta: dict[str, Any]
+    stop: StopPolicy = field(default_factory=StopPolicy)  # asked on rank 0 after every step
+    callbacks: Sequence[StepCallback] = ()  # called before every step (sample trace, test hooks)
     watchdog: StepWatchdog | None = None  # told of every step, eval batch and checkpoint
 
     def _batch(self, dataset: Any, indices: list[int], generator: torch.Generator) -> tuple[Batch, int]:
@@ -86,13 +85,8 @@ class Loop:
         return tensor.tolist()
 
     def _stop_requested(self, step: int) -> bool:
-        """Rank 0's view (stop file or test hook); the caller shares it with every rank."""
-        if not self.ctx.is_main:
-            return False
-        if os.environ.get(STOP_AFTER_STEP_ENV) == str(step) or (self.stage_dir / STOP_FILE).exists():
-            return True
-        job_stop = os.environ.get(STOP_FILE_ENV)  # set by the SLURM template: preemption is near
-        return bool(job_stop) and Path(job_stop).exists()
+        """Rank 0's view of the stop policy; the caller shares it with every rank."""
+        return self.ctx.is_main and self.stop.requested(step)
 
     def _skipped_nonfinite(self, step: int, train_loss: float, skipped_before: int) -> bool:
         """Whether step `step` was a non-finite one that DeepSpeed skipped (`optim.skip_nonfinite`).
@@ -160,39 +154,31 @@ class Loop:
             self.ctx.world_size, self.ctx.rank, self.seed, self.task.sample_lengths(self.train_set),
         )  # fmt: skip
         self.engine.train()
-        trace_dir = os.environ.get(TRACE_SAMPLES_ENV)
-        trace = None
-        if trace_dir:
-            Path(trace_dir).mkdir(parents=True, exist_ok=True)
-            trace = (Path(trace_dir) / f"{self.stage.name}_rank{self.ctx.rank}.jsonl").open("a")
         try:
-            return self._run(state, sampler, trace)
+            return self._run(state, sampler)
         finally:
-            if trace is not None:
-                trace.close()
+            for callback in self.callbacks:
+                callback.close()
 
-    def _run(self, state: TrainState, sampler: StepSampler, trace: Any) -> tuple[TrainState, bool]:
+    def _run(self, state: TrainState, sampler: StepSampler) -> tuple[TrainState, bool]:
         stage = self.stage
         assert self.plan.steps is not None
         window_losses: list[float] = []
         window_tokens, window_start = 0, time.perf_counter()
         session_start, wall_before = time.perf_counter(), state.wall_s
-        hang_at = os.environ.get(HANG_AT_STEP_ENV)
         skipped_in_a_row = 0
         self._beat(state.step)
         while state.step < self.plan.steps:
             step = state.step
-            if trace is not None:
-                samples = [i for micro in sampler.micro_batches(step) for i in micro]
-                trace.write(json.dumps({"step": step, "samples": samples}) + "\n")
+            micro_batches = sampler.micro_batches(step)
+            for callback in self.callbacks:
+                callback.before_step(step, micro_batches)
             done = step + 1 == self.plan.steps
             logged = (step + 1) % stage.log_every == 0 or done or step == 0  # step 1: a sign of life
-            if hang_at == f"{self.ctx.rank}:{step + 1}":
-                time.sleep(10**9)
             loss_sum: torch.Tensor | float = 0.0  # stays on the device: no host sync per micro-batch
             skipped_before = self.engine.skipped_steps
             tokens, grad_norm = 0, None
-            for micro, indices in enumerate(sampler.micro_batches(step)):
+            for micro, indices in enumerate(micro_batches):
                 index = self.ctx.rank * self.plan.grad_accum_steps + micro  # the micro-batch's place in the step
                 torch.manual_seed(step_seed(self.seed, step, index, purpose=0))  # dropout
                 generator = torch.Generator().manual_seed(step_seed(self.seed, step, index, purpose=1))  # masking
@@ -255,6 +241,6 @@ class Loop:
             window_start += time.perf_counter() - paused
             if stop and not done:
                 if self.ctx.is_main:
-                    (self.stage_dir / STOP_FILE).unlink(missing_ok=True)  # honoured: the re-run must not stop
+                    self.stop.honoured()  # the re-run must not stop
                 return state, True
         return state, False

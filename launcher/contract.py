@@ -1,0 +1,108 @@
+"""What crosses the driver <-> rank boundary, typed and the same on every backend (standard library only).
+
+The driver validates the spec, plans the stage and resolves its references once, then hands every
+rank a `StageLaunch`; rank 0 hands back a `StageResult`. `--local` passes both in process; Ray
+Train pickles the launch into each worker and returns rank 0's result as `Result.return_value`.
+Ranks do not re-validate the spec: the driver's checks (files, references, batch arithmetic)
+may not even hold on a node that does not see the driver's working directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from launcher.spec import layout
+from launcher.spec.models import JobSpec, StageSpec
+from launcher.spec.plan import StagePlan
+
+
+@dataclass(frozen=True)
+class StagePaths:
+    """Every path a stage's ranks read or write, resolved on the driver (see `launcher.spec.layout`)."""
+
+    stage_dir: Path  # metrics, TensorBoard, the stop file
+    data_dir: Path  # prepared token stores
+    tokenizer_dir: Path  # the tokenizer that made them
+    checkpoints: Path
+    model_dir: Path  # the export this stage writes
+    summary: Path  # summary.json, written by rank 0 once the export is complete
+    start: Path | None  # weights to start from: an earlier stage's export, a model folder, or None (fresh)
+
+    @classmethod
+    def of(cls, spec: JobSpec, stage: StageSpec) -> StagePaths:
+        return cls(
+            stage_dir=layout.stage_dir(spec, stage.name),
+            data_dir=layout.data_dir(spec, stage.name),
+            tokenizer_dir=layout.tokenizer_dir(spec, stage.name),
+            checkpoints=layout.checkpoints_dir(spec, stage.name),
+            model_dir=layout.model_dir(spec, stage.name),
+            summary=layout.summary_path(spec, stage.name),
+            start=layout.start_dir(spec, stage),
+        )
+
+
+@dataclass(frozen=True)
+class StageLaunch:
+    """One stage as the driver hands it to its ranks: the validated spec, the plan, the resolved paths."""
+
+    spec: JobSpec
+    index: int
+    plan: StagePlan
+    paths: StagePaths
+
+    @property
+    def stage(self) -> StageSpec:
+        return self.spec.stages[self.index]
+
+    @classmethod
+    def of(cls, spec: JobSpec, index: int, plan: StagePlan) -> StageLaunch:
+        assert plan.steps is not None, "the driver resolves steps (from the prepared data) before launching"
+        assert plan.name == spec.stages[index].name, f"plan {plan.name} is not for stage {index}"
+        return cls(spec, index, plan, StagePaths.of(spec, spec.stages[index]))
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A stage's outcome as rank 0 saw it; `summary.json` is its JSON form (`to_json` / `from_json`).
+
+    `stopped`: the stage stopped on request after a checkpoint, before its last step (no export,
+    no summary.json); the same command resumes it.
+    """
+
+    stage: str
+    task: str
+    steps: int
+    tokens: int
+    wall_s: float
+    train_loss: float | None  # mean over the last logging window; None when not finite
+    eval: dict[str, float | None]  # loss, and accuracy for classification
+    reference: dict[str, float]  # e.g. majority_accuracy: what a trivial predictor scores on the eval set
+    world_size: int
+    global_batch_size: int
+    zero_stage: int
+    precision: str
+    num_params: int
+    optimizer_state_bytes: int  # rank 0's Adam moments
+    fp32_master_bytes: int  # rank 0's fp32 master partition (ZeRO)
+    flops_per_token: float
+    peak_flops_per_device: float
+    peak_flops_source: str
+    init_from: str | None
+    resumed_from_step: int | None
+    process_s: float  # the rank's whole run: build, train, export
+    peak_memory_bytes: int
+    stopped: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> StageResult:
+        """From a `summary.json`; KeyError names the fields it lacks (a file from another version)."""
+        names = [f.name for f in fields(cls)]
+        missing = [name for name in names if name not in data and name != "stopped"]
+        if missing:
+            raise KeyError(", ".join(missing))
+        return cls(**{name: data[name] for name in names if name in data})
