@@ -1,4 +1,4 @@
-"""Command line: `launcher validate|prepare|run|slurm JOB.yaml [key=value ...]`.
+"""Command line: `launcher validate|prepare|run|slurm JOB.yaml [key=value ...]`, `launcher workers N G`.
 
 Run as: launcher run jobs/demo.yaml --local
 Thin: parses arguments and calls the spec, data and coordinator layers. User errors exit 2 with one
@@ -32,12 +32,32 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--local", action="store_true", help="one process, one device, no Ray")
         if name == "run":
             command.add_argument("--stage", metavar="NAME", help="run only this stage (what it reads must be done)")
+    workers = commands.add_parser("workers", help="training workers of a SLURM allocation (slurm/ray_job.sh asks)")
+    workers.add_argument("nodes", type=int)
+    workers.add_argument("gpus_per_node", type=int)
     return parser
+
+
+def _workers(args: argparse.Namespace) -> int:
+    """`launcher workers NODES GPUS_PER_NODE`: prints `WORKERS USE_GPU` (e.g. `8 true`) for the shell."""
+    from launcher.coordinator.slurm import allocation_workers
+
+    workers, use_gpu = allocation_workers(args.nodes, args.gpus_per_node)
+    print(workers, "true" if use_gpu else "false")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if args.command == "workers":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        try:
+            return _workers(args)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     # Overrides may follow options (`run JOB.yaml --local a.b=1`); anything else is a usage error.
     if any("=" not in item or item.startswith("-") for item in extra):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

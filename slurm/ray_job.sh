@@ -9,8 +9,8 @@
 #      each job and node its own Ray temp dir; create a per-job auth token readable only by the user;
 #   3. start the Ray head (srun, first node) and one Ray worker per other node, then poll until
 #      every node has joined (error and exit 3 on timeout; no fixed sleeps);
-#   4. run `launcher run JOB.yaml ...` against that cluster with the worker count derived from the
-#      allocation (GPUs per node x nodes, or LAUNCHER_WORKERS_PER_NODE x nodes on CPUs);
+#   4. run `launcher run JOB.yaml ...` against that cluster with the worker count of the allocation
+#      (`launcher workers`: GPUs per node x nodes, or LAUNCHER_WORKERS_PER_NODE x nodes on CPUs);
 #   5. on SIGUSR1 (`#SBATCH --signal=B:USR1@<grace>`), or SIGTERM with LAUNCHER_REQUEUE_ON_TERM=1:
 #      ask the run to checkpoint and stop (a stop file the training loop polls every step), wait
 #      for it, then `scontrol requeue` the job; the requeued job resumes from that checkpoint.
@@ -60,13 +60,6 @@ head=${nodes[0]}
 gpus_per_node=${SLURM_GPUS_ON_NODE:-0}
 [[ "$gpus_per_node" =~ ^[0-9]+$ ]] || gpus_per_node=0
 cpus_per_node=${SLURM_CPUS_PER_TASK:-$(nproc)}
-if ((gpus_per_node > 0)); then
-	workers=$((num_nodes * gpus_per_node))
-	use_gpu=true
-else
-	workers=$((num_nodes * ${LAUNCHER_WORKERS_PER_NODE:-1}))
-	use_gpu=false
-fi
 restart=${SLURM_RESTART_COUNT:-0}
 
 container=()
@@ -74,6 +67,10 @@ if [[ -n "${CONTAINER_IMAGE:-}" ]]; then
 	container=(--container-image="$CONTAINER_IMAGE" --container-mounts="$home:$home" --container-workdir="$home")
 fi
 step() { srun --overlap --kill-on-bad-exit=0 "${container[@]}" "$@"; }
+
+# The worker count has one rule, in the launcher (`launcher slurm` checks the plan with the same one).
+read -r workers use_gpu < <(step --nodes=1 --ntasks=1 -w "$head" launcher workers "$num_nodes" "$gpus_per_node") ||
+	die 2 "launcher workers $num_nodes $gpus_per_node failed (see above)"
 
 # --- per-job state: token, ports, stop file (on the shared file system, user-only) ----------
 umask 077

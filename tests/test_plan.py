@@ -79,3 +79,21 @@ def test_param_count_is_the_built_models(family, task, tmp_path) -> None:
     tuned = load_spec(str(ROOT / "jobs" / "finetune-minilm-rt.yaml"), [f"stages.0.init_from={tmp_path / 'export'}"])
     assert tuned.stages[0].model.family == "bert"
     assert count_params(tuned, tuned.stages[0]) == expected
+
+
+def test_workers_of_an_allocation_have_one_rule_for_launcher_slurm_and_the_shell(monkeypatch, capsys) -> None:
+    """`launcher workers NODES GPUS` (what slurm/ray_job.sh asks inside the allocation) and the worker count
+    `launcher slurm` checks the plan with come from the same function; the shell computes none itself."""
+    from launcher.cli import main
+    from launcher.coordinator.slurm import workers_for
+
+    assert main(["workers", "3", "4"]) == 0 and capsys.readouterr().out == "12 true\n"
+    monkeypatch.setenv("LAUNCHER_WORKERS_PER_NODE", "2")
+    assert main(["workers", "3", "0"]) == 0 and capsys.readouterr().out == "6 false\n"
+    assert workers_for(load_spec(TINY, ["cluster.slurm.nodes=3"])) == 6
+    assert workers_for(load_spec(TINY, ["cluster.slurm.gpus_per_node=8"])) == 8
+    monkeypatch.setenv("LAUNCHER_WORKERS_PER_NODE", "two")
+    assert main(["workers", "3", "0"]) == 2
+    assert "LAUNCHER_WORKERS_PER_NODE" in capsys.readouterr().err
+    shell = (ROOT / "slurm" / "ray_job.sh").read_text()
+    assert "launcher workers" in shell and "LAUNCHER_WORKERS_PER_NODE:-" not in shell

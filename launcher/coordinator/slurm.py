@@ -1,9 +1,10 @@
 """`launcher slurm JOB.yaml [key=value ...] [--submit]`: an sbatch script rendered from the spec.
 
 The `#SBATCH` header comes from `cluster.slurm` (the one place the node count lives); the body
-execs `slurm/ray_job.sh`, which starts Ray across the allocation and derives the worker count
-from it. Every value is shell-quoted (sbatch parses `#SBATCH` lines with shell quoting too), so a
-job name with spaces, quotes or `$(...)` stays a name.
+execs `slurm/ray_job.sh`, which starts Ray across the allocation and asks `allocation_workers`
+(through `launcher workers`) for the worker count it gives. Every value is shell-quoted (sbatch
+parses `#SBATCH` lines with shell quoting too), so a job name with spaces, quotes or `$(...)` stays
+a name.
 """
 
 from __future__ import annotations
@@ -29,10 +30,22 @@ def launcher_home() -> Path:
     return home
 
 
+def allocation_workers(nodes: int, gpus_per_node: int) -> tuple[int, bool]:
+    """(training workers, on GPUs?) of an allocation: one worker per GPU, else `LAUNCHER_WORKERS_PER_NODE`
+    (default 1) per node. The one rule: `launcher slurm` checks the plan with it before submitting, and
+    slurm/ray_job.sh asks for it inside the allocation (`launcher workers NODES GPUS_PER_NODE`)."""
+    per_node = os.environ.get("LAUNCHER_WORKERS_PER_NODE", "1")
+    if gpus_per_node > 0:
+        return nodes * gpus_per_node, True
+    if not per_node.isdigit() or int(per_node) < 1:
+        raise UserError(f"LAUNCHER_WORKERS_PER_NODE: {per_node!r} is not a positive whole number")
+    return nodes * int(per_node), False
+
+
 def workers_for(spec: JobSpec) -> int:
-    """Training workers the allocation will give (what slurm/ray_job.sh derives at run time)."""
+    """Training workers the allocation `cluster.slurm` asks for will give."""
     slurm = spec.cluster.slurm
-    return slurm.nodes * (slurm.gpus_per_node or int(os.environ.get("LAUNCHER_WORKERS_PER_NODE", "1")))
+    return allocation_workers(slurm.nodes, slurm.gpus_per_node or 0)[0]
 
 
 def render_sbatch(spec: JobSpec, spec_path: str, overrides: list[str]) -> str:
