@@ -139,8 +139,8 @@ def test_zero_stage_trains_and_exports_the_consolidated_weights(zero_runs, zero:
     assert set(exported) <= set(consolidated), set(exported) - set(consolidated)
     for name, tensor in exported.items():
         assert torch.equal(tensor, consolidated[name].to(tensor.dtype)), f"{name} differs"
-    registered = json.loads((pretrain / "checkpoints" / "checkpoint_manager_snapshot.json").read_text())
-    assert registered, "checkpoints went through ray.train.report"
+    snapshot = (pretrain / "checkpoints" / "checkpoint_manager_snapshot.json").read_text()
+    assert f"step_{summary['steps']:08d}" in snapshot, "the final checkpoint went through ray.train.report"
     # Committed after both ranks' uploads: the manifest lists every rank's shard, and they verify.
     from launcher.checkpoints import read_meta, verify
 
