@@ -54,3 +54,10 @@ def test_curve_runner_writes_the_csv_and_a_readable_plot_and_replots_from_its_ca
     validation = curve(tmp_path, "--starts", "random", "--sizes", "40", "--split", "validation")
     assert "validation accuracy" in validation.stdout
     assert (tmp_path / "curve-validation.csv").is_file() and (tmp_path / "points" / "validation").is_dir()
+
+    # A point is cached per learning rate: another --lr runs its own points and tabulates only them.
+    before = len(list((tmp_path / "points" / "validation").rglob("summary.json")))
+    curve(tmp_path, "--starts", "random", "--sizes", "40", "--split", "validation", "--lr", "5e-4")
+    assert len(list((tmp_path / "points" / "validation").rglob("summary.json"))) > before, "reused another lr's"
+    with (tmp_path / "curve-validation.csv").open(newline="") as stream:
+        assert {r["lr"] for r in csv.DictReader(stream)} == {"0.0005"}
