@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -28,6 +29,8 @@ def slurm(tmp_path_factory) -> dict[str, str]:
     if os.geteuid() != 0:
         pytest.fail("the SLURM cluster tests need root (network namespaces, slurmd)")
     state = tmp_path_factory.mktemp("slurm") / "cluster"
+    # Per-node Ray temp dirs (`/tmp/ray-<job>-<node>`): a job killed by a plain scancel cannot remove its own.
+    before = set(Path("/tmp").glob("ray-*-node*"))
     up = subprocess.run(["bash", str(SCRIPT), "up", str(state)], capture_output=True, text=True, check=False)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
@@ -36,6 +39,8 @@ def slurm(tmp_path_factory) -> dict[str, str]:
         yield env
     finally:
         subprocess.run(["bash", str(SCRIPT), "down", str(state)], capture_output=True, text=True, check=False)
+        for folder in set(Path("/tmp").glob("ray-*-node*")) - before:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def slurm_state(env: dict[str, str]) -> Path:
