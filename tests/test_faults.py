@@ -208,6 +208,7 @@ BAD_STARTS = [  # (what is wrong with the export, overrides of the fine-tuning s
     (None, ["stages.1.data.seq_len=100"], "stages.1.data.seq_len: 100 exceeds the 64 positions"),
     (None, [f"stages.1.tokenizer.source={MINILM}"], "stages.1.tokenizer.source: its vocabulary has 30522 tokens"),
     ("classifier", ["stages.1.data.labels=[rotten, fresh, other]"], "stages.1.data.labels: 3 labels, but the model"),
+    (None, ["stages.1.task=rtd"], "stages.1.init_from: the model in {start} is a bert model; task rtd continues"),
 ]
 
 

@@ -29,6 +29,8 @@ BAD_OVERRIDES = [
     (["stages.0.data.seq_len=1"], "stages.0.data.seq_len: task mlm needs blocks of at least 2 tokens"),
     (["stages.0.optim.skip_nonfinite=true"], "stages.0.optim.skip_nonfinite: needs deepspeed.zero_stage >= 1"),
     (["stages.0.model.family=gpt2"], "stages.0.model.family:"),
+    (["stages.0.task=rtd", "stages.0.model.family=llama"], "stages.0.model.family: task rtd needs the bert family"),
+    (["stages.0.task=rtd", "stages.0.rtd_generator_size=0"], "stages.0.rtd_generator_size:"),
     (["name=bad name"], "name:"),
     (["stages.1.name=pretrain"], "stages.1.name:"),
     (["stages.0.model.dropout=1.5"], "stages.0.model.dropout:"),

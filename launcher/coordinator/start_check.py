@@ -84,6 +84,11 @@ def check_start(spec: JobSpec, index: int, vocab_size: int) -> None:
     config: Any = atomic.read_json(folder / "config.json")
     if not isinstance(config, dict):
         raise UserError(f"{field}: {folder / 'config.json'} is missing or unreadable")
+    if stage.task == "rtd" and config.get("model_type") != "electra":
+        raise UserError(
+            f"{field}: the model in {folder} is a {config.get('model_type')} model; task rtd continues an ELECTRA "
+            "discriminator (an rtd export); continue other encoders with task mlm"
+        )
     problem = _weights_problem(folder)
     if problem is not None:
         raise UserError(f"{field}: {folder}{' ' if problem.startswith('holds') else ': '}{problem}")

@@ -272,8 +272,8 @@ def _apportion(weights: list[float], total: int) -> list[int]:
 
 
 def block_prefix(task: str, tokenizer) -> int | None:  # noqa: ANN001
-    """The token each pre-training block starts with: [CLS] for masked LM, none for causal LM."""
-    return tokenizer.cls_token_id if task == "mlm" else None
+    """The token each pre-training block starts with: [CLS] for the encoders (mlm, rtd), none for causal LM."""
+    return tokenizer.cls_token_id if task in ("mlm", "rtd") else None
 
 
 class DocumentDataset:

@@ -273,7 +273,10 @@ class StageSpec(Section):
     """One step of the pipeline: a task on a model, trained for `max_steps` or `epochs`."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(description="Stage name; its output folder.")
-    task: Literal["mlm", "clm", "classification"] = Field(description="Objective of this stage.")
+    task: Literal["mlm", "clm", "rtd", "classification"] = Field(
+        description="Objective of this stage: masked LM (BERT), causal LM (GPT), replaced-token detection (ELECTRA: "
+        "a small generator and a discriminator trained jointly; the discriminator is exported) or classification."
+    )
     init_from: str | None = Field(
         default=None, description="An earlier stage's name (its exported model) or a local HF model directory."
     )
@@ -286,7 +289,20 @@ class StageSpec(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Training precision.")
     max_steps: PositiveInt | None = Field(default=None, description="Optimizer steps; wins over epochs.")
     epochs: float | None = Field(default=None, gt=0.0, description="Passes over the training set (when no max_steps).")
-    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0, description="Masked share of tokens (mlm).")
+    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0, description="Masked share of tokens (mlm, rtd).")
+    rtd_generator_size: float = Field(
+        default=0.25,
+        gt=0.0,
+        le=1.0,
+        description="Generator width as a share of the discriminator's (rtd): hidden size, heads and MLP width are "
+        "scaled by it, depth and embeddings are shared. ELECTRA found 1/4 to 1/2 of the discriminator best.",
+    )
+    rtd_weight: float = Field(
+        default=50.0,
+        gt=0.0,
+        description="Weight of the discriminator's replaced-token loss against the generator's masked-LM loss (rtd); "
+        "ELECTRA uses 50.",
+    )
     log_every: PositiveInt = Field(default=10, description="Log train metrics every N steps (and after step 1).")
     eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: only at the end).")
     eval_max_batches: PositiveInt | None = Field(default=None, description="Cap on eval batches per evaluation.")
@@ -307,11 +323,16 @@ class StageSpec(Section):
         if self.data.group_by_length and self.task != "classification":
             raise ValueError("data.group_by_length: only for classification (packed blocks all have seq_len tokens)")
         if self.task == "classification" and self.data.sources:
-            raise ValueError("data.sources: mixtures are for pre-training (mlm, clm); use data.train")
-        if self.task in ("mlm", "clm") and self.data.seq_len < 2:
+            raise ValueError("data.sources: mixtures are for pre-training (mlm, clm, rtd); use data.train")
+        if self.task in ("mlm", "clm", "rtd") and self.data.seq_len < 2:
             raise ValueError(f"data.seq_len: task {self.task} needs blocks of at least 2 tokens")
-        if self.task == "mlm" and self.model.family != "bert":
-            raise ValueError("model.family: task mlm needs the bert family")
+        if self.task in ("mlm", "rtd") and self.model.family != "bert":
+            raise ValueError(f"model.family: task {self.task} needs the bert family")
+        if self.task == "rtd" and self.model.path is not None:
+            raise ValueError(
+                "model.path: task rtd builds its generator and discriminator from the sizes (init_from "
+                "continues an rtd export)"
+            )
         if self.data.seq_len > self.model.max_position_embeddings and self.model.path is None:
             raise ValueError(
                 f"data.seq_len: {self.data.seq_len} exceeds model.max_position_embeddings "

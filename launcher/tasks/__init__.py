@@ -6,7 +6,7 @@ A task never touches DeepSpeed or the rank layout: the loop hands it samples and
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +14,25 @@ import numpy as np
 import torch
 
 from launcher.data.store import BlockDataset, DocumentDataset, MixtureDataset, TokenStore, block_prefix
+from launcher.metrics import flops_per_token
 from launcher.spec.models import ModelSpec, StageSpec
 
 
 @dataclass
 class EvalSums:
-    """Additive eval statistics, summed over batches and ranks."""
+    """Additive eval statistics, summed over batches and ranks (`aux_*`: a task's second loss, e.g. rtd's generator)."""
 
     loss_sum: float = 0.0
     count: float = 0.0
     correct: float = 0.0
+    aux_loss_sum: float = 0.0
+    aux_count: float = 0.0
 
-    def as_tensor(self) -> torch.Tensor:
-        return torch.tensor([self.loss_sum, self.count, self.correct], dtype=torch.float64)
+    def __add__(self, other: EvalSums) -> EvalSums:
+        return EvalSums(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+
+    def values(self) -> list[float]:
+        return list(astuple(self))
 
 
 def _pad(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,14 +130,27 @@ class Task:
             if model.config.pad_token_id is None:
                 model.config.pad_token_id = self.pad_id
             return model
-        config = _model_config(self.stage.model, len(self.tokenizer), self.tokenizer, self.num_labels())
+        return self.from_config(self.config(self.stage.model, len(self.tokenizer)))
+
+    def config(self, model: ModelSpec, vocab_size: int) -> Any:
+        """The HF config of a model built from the spec's sizes (with this task's labels)."""
+        config = _model_config(model, vocab_size, self.tokenizer, self.num_labels())
         if self.num_labels() is not None:
             config.id2label = dict(enumerate(self.stage.data.labels))
             config.label2id = {name: i for i, name in enumerate(self.stage.data.labels)}
+        return config
+
+    def from_config(self, config: Any) -> torch.nn.Module:
+        """A freshly initialised model of `config` with this task's head."""
         from transformers import PreTrainedModel
 
+        auto = self.model_class()
         # Auto classes build from a config with `from_config`; a concrete model class is called.
         return auto(config) if issubclass(auto, PreTrainedModel) else auto.from_config(config)
+
+    def flops_per_token(self, model: torch.nn.Module, seq_len: int) -> float:
+        """Training FLOPs per token of `model` on `seq_len`-token sequences (for MFU)."""
+        return flops_per_token(model, seq_len)
 
     def fresh_modules(self) -> str | None:
         """The modules `build_model` had to initialise (the start model had no weights for them), in a few words.
@@ -187,12 +206,19 @@ class MaskedLM(Task):
 
         return BertForMaskedLM
 
+    def flops_per_token(self, model: torch.nn.Module, seq_len: int) -> float:
+        return flops_per_token(model, seq_len, self.stage.mlm_probability)  # the head runs on masked tokens only
+
+    def chosen(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The positions to predict: `mlm_probability` of the real, non-special tokens."""
+        special = torch.tensor(self.tokenizer.all_special_ids)
+        maskable = (mask == 1) & ~torch.isin(ids, special)
+        return (torch.rand(ids.shape, generator=generator) < self.stage.mlm_probability) & maskable
+
     def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         ids, mask = _pad([s["input_ids"] for s in samples], self.pad_id)
         labels = ids.clone()
-        special = torch.tensor(self.tokenizer.all_special_ids)
-        maskable = (mask == 1) & ~torch.isin(ids, special)
-        chosen = (torch.rand(ids.shape, generator=generator) < self.stage.mlm_probability) & maskable
+        chosen = self.chosen(ids, mask, generator)
         labels[~chosen] = -100
         roll = torch.rand(ids.shape, generator=generator)
         inputs = ids.clone()
@@ -247,6 +273,69 @@ class CausalLM(Task):
         return EvalSums(loss_sum=float(outputs.loss) * count, count=count)
 
 
+class ReplacedTokenDetection(MaskedLM):
+    """ELECTRA (`launcher.tasks.rtd`): a generator fills masked positions, a discriminator spots the replacements.
+
+    Blocks and masked positions are the masked LM's; every chosen position becomes [MASK] (the paper's
+    recipe: no random or kept tokens). Eval reports the joint loss, the discriminator's per-token
+    accuracy over real tokens, and the generator's masked-LM loss.
+    """
+
+    auto_class_name = "AutoModelForPreTraining"
+    metric_name = "accuracy"
+
+    def config(self, model: ModelSpec, vocab_size: int) -> Any:
+        from launcher.tasks.rtd import discriminator_config
+
+        return discriminator_config(model, vocab_size, self.pad_id)
+
+    def from_config(self, config: Any) -> torch.nn.Module:
+        from launcher.tasks.rtd import build_pair
+
+        return build_pair(config, self.stage.rtd_generator_size, self.stage.rtd_weight)
+
+    def build_model(self, init_path: Path | None) -> torch.nn.Module:
+        if init_path is None:
+            return super().build_model(None)
+        from launcher.tasks.rtd import load_pair
+
+        stage = self.stage
+        pair, self.fresh_weights = load_pair(init_path, self.pad_id, stage.rtd_generator_size, stage.rtd_weight)
+        return pair
+
+    def flops_per_token(self, model: torch.nn.Module, seq_len: int) -> float:
+        # Both networks run forward and backward on every token; the generator's output layer on masked ones.
+        return flops_per_token(model.discriminator, seq_len) + super().flops_per_token(model.generator, seq_len)
+
+    def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        ids, mask = _pad([s["input_ids"] for s in samples], self.pad_id)
+        chosen = self.chosen(ids, mask, generator)
+        labels = ids.masked_fill(~chosen, -100)
+        inputs = ids.masked_fill(chosen, self.tokenizer.mask_token_id)
+        sample_u = torch.rand(ids.shape, generator=generator)  # one draw per position: replacements are replayable
+        return {"input_ids": inputs, "attention_mask": mask, "labels": labels, "sample_u": sample_u}
+
+    def eval_sums(self, outputs: Any, batch: dict[str, torch.Tensor]) -> EvalSums:
+        scored, masked = float(outputs.scored), float(outputs.masked)
+        return EvalSums(
+            loss_sum=float(outputs.loss) * scored,
+            count=scored,
+            correct=float(outputs.correct),
+            aux_loss_sum=float(outputs.generator_loss) * masked,
+            aux_count=masked,
+        )
+
+    def eval_metrics(self, sums: EvalSums) -> dict[str, float]:
+        count = max(sums.count, 1.0)
+        generator_loss = sums.aux_loss_sum / max(sums.aux_count, 1.0)
+        return {
+            "loss": sums.loss_sum / count,
+            "accuracy": sums.correct / count,
+            "generator_loss": generator_loss,
+            "generator_perplexity": math.exp(min(generator_loss, 50.0)),
+        }
+
+
 class Classification(Task):
     """Sequence classification (the BertForSequenceClassification recipe), padded per batch."""
 
@@ -281,7 +370,12 @@ class Classification(Task):
         return {"majority_accuracy": float(np.bincount(labels).max() / len(labels))}
 
 
-TASKS: dict[str, type[Task]] = {"mlm": MaskedLM, "clm": CausalLM, "classification": Classification}
+TASKS: dict[str, type[Task]] = {
+    "mlm": MaskedLM,
+    "clm": CausalLM,
+    "rtd": ReplacedTokenDetection,
+    "classification": Classification,
+}
 
 
 class _NoTokenizer:
@@ -300,19 +394,17 @@ def count_parameters(stage: StageSpec, model: ModelSpec, model_dir: Path | None,
     import transformers
 
     task = TASKS[stage.task](stage, _NoTokenizer())
-    num_labels = task.num_labels()
     if model_dir is not None:
         try:
             config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
         except (OSError, ValueError):
             return None
-        if num_labels is not None:
-            config.num_labels = num_labels
+        if task.num_labels() is not None:
+            config.num_labels = task.num_labels()
     else:
-        config = _model_config(model, vocab_size, _NoTokenizer(), num_labels)
-    auto = task.model_class()
+        config = task.config(model, vocab_size)
     with torch.device("meta"):
-        built = auto(config) if issubclass(auto, transformers.PreTrainedModel) else auto.from_config(config)
+        built = task.from_config(config)
     return sum(p.numel() for p in built.parameters())
 
 

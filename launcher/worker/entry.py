@@ -21,7 +21,7 @@ from launcher.contract import StageLaunch, StageResult
 from launcher.data.tokenizer import load_tokenizer
 from launcher.errors import UserError
 from launcher.hooks import loop_hooks
-from launcher.metrics import MetricsWriter, NullWriter, flops_per_token, json_safe, peak_flops
+from launcher.metrics import MetricsWriter, NullWriter, json_safe, peak_flops
 from launcher.spec.deepspeed_config import build_deepspeed_config
 from launcher.spec.layout import STOP_FILE
 from launcher.tasks import build_task
@@ -49,7 +49,7 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
     fresh = task.fresh_modules()
     if fresh is not None and ctx.is_main:
         print(f"stage {stage.name}: {paths.start} has no weights for {fresh}; they start from random init", flush=True)
-    fpt = flops_per_token(model, plan.seq_len, stage.mlm_probability if stage.task == "mlm" else 1.0)
+    fpt = task.flops_per_token(model, plan.seq_len)
     num_params = sum(p.numel() for p in model.parameters())
     ds_config = build_deepspeed_config(spec.deepspeed, stage, plan)
     meta = run_meta(ctx.world_size, plan.global_batch_size, plan.zero_stage, stage.precision)

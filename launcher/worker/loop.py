@@ -138,13 +138,9 @@ class Loop:
                 outputs = self.engine(**batch)
                 self._beat()
                 if indices:
-                    part = self.task.eval_sums(outputs, batch)
-                    sums.loss_sum, sums.count, sums.correct = (
-                        sums.loss_sum + part.loss_sum, sums.count + part.count, sums.correct + part.correct
-                    )  # fmt: skip
+                    sums = sums + self.task.eval_sums(outputs, batch)
         self.engine.train()
-        loss_sum, count, correct = self._all_reduce([sums.loss_sum, sums.count, sums.correct])
-        return self.task.eval_metrics(EvalSums(loss_sum, count, correct))
+        return self.task.eval_metrics(EvalSums(*self._all_reduce(sums.values())))
 
     def run(self, state: TrainState) -> tuple[TrainState, bool]:
         """Train until `plan.steps`; returns (state, stopped early on request)."""
