@@ -10,7 +10,9 @@ test reviews, or with `--split validation` on 10% carved from the labeled traini
 settings without looking at the test set). Starting points, each made once through `launcher run`:
   random        the demo's small BERT from random initialisation (the demo's tokenizer: only weights differ)
   demo          the demo's pre-training export (`jobs/demo.yaml --stage pretrain --local`, ~3 min)
-  demo-4x       the same pre-training for 4x the steps (~13 min); demo-16x: 16x (~50 min)
+  demo-4x       the same pre-training for 4x the steps (~13 min); demo-16x: 16x (~50 min); any demo-<N>x
+  rtd           jobs/transfer.yaml's ELECTRA-style pre-training (`task: rtd`) of the same encoder, the demo's
+                steps; rtd-<N>x: N times the steps
   minilm        the packaged all-MiniLM-L6-v2 (pre-trained at scale by others)
   minilm-dapt   MiniLM after jobs/dapt-minilm.yaml's continued masked-LM pre-training on the reviews
 Everything lands under --cache (starts/, points/<split>/lr<lr>/): a point whose summary is there is not run again, so
@@ -42,8 +44,9 @@ MINILM = ROOT / "data" / "models" / "all-minilm-l6-v2"
 DEPS = ROOT / "runs" / "bench-deps"
 PLOT_PACKAGES = ("matplotlib==3.11.2", "contourpy==1.3.3", "cycler==0.12.1", "fonttools==4.68.0",
                  "kiwisolver==1.5.1", "pyparsing==3.3.3")  # fmt: skip
-DEMO_STEPS = 800  # jobs/demo.yaml's pre-training
-STARTS = ("random", "demo", "demo-4x", "demo-16x", "minilm", "minilm-dapt")
+DEMO_STEPS = 800  # the pre-training steps of jobs/demo.yaml and jobs/transfer.yaml
+PRETRAININGS = {"demo": Path("jobs/demo.yaml"), "rtd": Path("jobs/transfer.yaml")}  # their stage `pretrain`
+STARTS = ("random", "demo", "demo-4x", "demo-16x", "rtd", "rtd-4x", "minilm", "minilm-dapt")
 
 
 def launcher(*args: str) -> subprocess.CompletedProcess:
@@ -59,14 +62,18 @@ def start_overrides(start: str, cache: Path, pretrain_steps: int | None) -> list
     """The fine-tuning job's overrides for a starting point; its export is made first when missing."""
     if start == "minilm":
         return [f"stages.0.init_from={MINILM}"]
-    if start in ("demo", "demo-4x", "demo-16x", "random"):
+    if start == "random" or start.split("-")[0] in PRETRAININGS:
         base = "demo" if start == "random" else start
-        steps = pretrain_steps or DEMO_STEPS * {"demo": 1, "demo-4x": 4, "demo-16x": 16}[base]
+        kind, _, times = base.partition("-")
+        if start not in STARTS and not (times.endswith("x") and times[:-1].isdigit()):
+            raise SystemExit(f"--starts: unknown start {start!r} (one of {', '.join(STARTS)})")
+        job = PRETRAININGS[kind]
+        steps = pretrain_steps or DEMO_STEPS * int(times[:-1] or 1)
         out = cache / "starts" / base
-        export = out / "demo" / "pretrain" / "model"
+        export = out / job.stem / "pretrain" / "model"
         if not (export / "config.json").is_file():
             print(f"pre-training {base} ({steps} steps) ...", flush=True)
-            launcher("run", "jobs/demo.yaml", "--local", "--stage", "pretrain", f"output_dir={out}",
+            launcher("run", str(job), "--local", "--stage", "pretrain", f"output_dir={out}",
                      f"stages.0.max_steps={steps}", "stages.0.checkpoint_every=0")  # fmt: skip
         # A random start reads the demo's tokenizer, so that only the weights differ from `demo`.
         return [f"stages.0.tokenizer.source={export}"] if start == "random" else [f"stages.0.init_from={export}"]
