@@ -101,7 +101,6 @@ class ElectraPair(torch.nn.Module):
         generator.electra.embeddings = discriminator.electra.embeddings
         generator.generator_lm_head.weight = discriminator.electra.embeddings.word_embeddings.weight
         self.discriminator_weight = discriminator_weight
-        self.config = discriminator.config
 
     def forward(
         self,
@@ -109,7 +108,6 @@ class ElectraPair(torch.nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         sample_u: torch.Tensor,
-        **kwargs: Any,
     ) -> RTDOutput:
         masked = labels != -100
         hidden = self.generator.electra(input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
