@@ -11,7 +11,9 @@ settings without looking at the test set). Starting points, each made once throu
   random        the demo's small BERT from random initialisation (the demo's tokenizer: only weights differ)
   demo          the demo's pre-training export (`jobs/demo.yaml --stage pretrain --local`, ~3 min)
   demo-4x       the same pre-training for 4x the steps (~13 min); demo-16x: 16x (~50 min); any demo-<N>x
-  rtd           jobs/transfer.yaml's ELECTRA-style pre-training (`task: rtd`) of the same encoder, the demo's
+  cooc          jobs/transfer.yaml's pre-training: the demo's, with token embeddings started from co-occurrence
+                statistics (`embedding_init: cooccurrence`); cooc-<N>x: N times the steps
+  rtd           jobs/transfer-rtd.yaml's ELECTRA-style pre-training (`task: rtd`) of the same encoder, the demo's
                 steps; rtd-<N>x: N times the steps
   minilm        the packaged all-MiniLM-L6-v2 (pre-trained at scale by others)
   minilm-dapt   MiniLM after jobs/dapt-minilm.yaml's continued masked-LM pre-training on the reviews
@@ -44,9 +46,14 @@ MINILM = ROOT / "data" / "models" / "all-minilm-l6-v2"
 DEPS = ROOT / "runs" / "bench-deps"
 PLOT_PACKAGES = ("matplotlib==3.11.2", "contourpy==1.3.3", "cycler==0.12.1", "fonttools==4.68.0",
                  "kiwisolver==1.5.1", "pyparsing==3.3.3")  # fmt: skip
-DEMO_STEPS = 800  # the pre-training steps of jobs/demo.yaml and jobs/transfer.yaml
-PRETRAININGS = {"demo": Path("jobs/demo.yaml"), "rtd": Path("jobs/transfer.yaml")}  # their stage `pretrain`
-STARTS = ("random", "demo", "demo-4x", "demo-16x", "rtd", "rtd-4x", "minilm", "minilm-dapt")
+DEMO_STEPS = 800  # the pre-training steps of jobs/demo.yaml, jobs/transfer.yaml and jobs/transfer-rtd.yaml
+# Their stage `pretrain` makes the start's export.
+PRETRAININGS = {
+    "demo": Path("jobs/demo.yaml"),
+    "rtd": Path("jobs/transfer-rtd.yaml"),
+    "cooc": Path("jobs/transfer.yaml"),
+}
+STARTS = ("random", "demo", "demo-4x", "demo-16x", "cooc", "rtd", "rtd-4x", "minilm", "minilm-dapt")
 
 
 def launcher(*args: str) -> subprocess.CompletedProcess:

@@ -31,6 +31,13 @@ BAD_OVERRIDES = [
     (["stages.0.model.family=gpt2"], "stages.0.model.family:"),
     (["stages.0.task=rtd", "stages.0.model.family=llama"], "stages.0.model.family: task rtd needs the bert family"),
     (["stages.0.task=rtd", "stages.0.rtd_generator_size=0"], "stages.0.rtd_generator_size:"),
+    (["stages.0.embedding_init=pca"], "stages.0.embedding_init:"),
+    (["stages.1.embedding_init=cooccurrence"], "stages.1.embedding_init: only for pre-training stages"),
+    (
+        ["stages.0.embedding_init=cooccurrence", "stages.0.model.path=data/models/all-minilm-l6-v2"],
+        "stages.0.embedding_init: model.path brings trained embeddings",
+    ),
+    (["stages.0.embedding_init_std=0"], "stages.0.embedding_init_std:"),
     (["name=bad name"], "name:"),
     (["stages.1.name=pretrain"], "stages.1.name:"),
     (["stages.0.model.dropout=1.5"], "stages.0.model.dropout:"),

@@ -51,11 +51,15 @@ def test_curve_runner_writes_the_csv_and_a_readable_plot_and_replots_from_its_ca
     assert (tmp_path / "curve-test.png").is_file()
 
     # Settings are chosen on 10% carved from the labeled training reviews, not on the test set.
-    # (and the ELECTRA-style start: jobs/transfer.yaml's rtd pre-training, its discriminator fine-tuned)
-    validation = curve(tmp_path, "--starts", "random,rtd", "--sizes", "40", "--split", "validation")
+    # (and the ELECTRA-style start: jobs/transfer-rtd.yaml's rtd pre-training, its discriminator fine-tuned;
+    # the co-occurrence start: jobs/transfer.yaml's masked LM from co-occurrence embeddings)
+    validation = curve(tmp_path, "--starts", "random,rtd,cooc", "--sizes", "40", "--split", "validation")
     assert "validation accuracy" in validation.stdout and "pre-training rtd (4 steps)" in validation.stdout
-    config = (tmp_path / "starts" / "rtd" / "transfer" / "pretrain" / "model" / "config.json").read_text()
+    config = (tmp_path / "starts" / "rtd" / "transfer-rtd" / "pretrain" / "model" / "config.json").read_text()
     assert '"ElectraForPreTraining"' in config
+    assert "pre-training cooc (4 steps)" in validation.stdout and "| cooc |" in validation.stdout
+    config = (tmp_path / "starts" / "cooc" / "transfer" / "pretrain" / "model" / "config.json").read_text()
+    assert '"BertForMaskedLM"' in config
     assert (tmp_path / "curve-validation.csv").is_file() and (tmp_path / "points" / "validation").is_dir()
 
     # A point is cached per learning rate: another --lr runs its own points and tabulates only them.

@@ -303,6 +303,23 @@ class StageSpec(Section):
         description="Weight of the discriminator's replaced-token loss against the generator's masked-LM loss (rtd); "
         "ELECTRA uses 50.",
     )
+    embedding_init: Literal["random", "cooccurrence"] = Field(
+        default="random",
+        description="How a fresh pre-training stage (mlm, clm, rtd; no init_from or model.path) starts its token "
+        "embeddings: `random` (the model's own init) or `cooccurrence`: before step 1, each token's vector is "
+        "its row of the truncated SVD of the positive PMI of token co-occurrences (within 5 positions of one "
+        "training document; the first 100 M training tokens), scaled to `embedding_init_std`; seconds on a CPU. "
+        "Similar words then start with similar vectors, which masked LM alone takes long to learn: at the "
+        "demo's scale this is what makes pre-training beat random init (README, Transfer). Resuming keeps the "
+        "checkpoint's embeddings.",
+    )
+    embedding_init_std: float = Field(
+        default=0.3,
+        gt=0.0,
+        description="Standard deviation the co-occurrence vectors are scaled to (`embedding_init: cooccurrence`). "
+        "Against the position embeddings' 0.02 it decides how much the vectors weigh after the embedding "
+        "LayerNorm: 0.02 lost their effect in fine-tuning, 0.1 and 0.3 kept it.",
+    )
     log_every: PositiveInt = Field(default=10, description="Log train metrics every N steps (and after step 1).")
     eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: only at the end).")
     eval_max_batches: PositiveInt | None = Field(default=None, description="Cap on eval batches per evaluation.")
@@ -326,6 +343,12 @@ class StageSpec(Section):
             raise ValueError("data.sources: mixtures are for pre-training (mlm, clm, rtd); use data.train")
         if self.task in ("mlm", "clm", "rtd") and self.data.seq_len < 2:
             raise ValueError(f"data.seq_len: task {self.task} needs blocks of at least 2 tokens")
+        if self.embedding_init != "random":
+            if self.task not in ("mlm", "clm", "rtd"):
+                raise ValueError("embedding_init: only for pre-training stages (mlm, clm, rtd)")
+            if self.init_from is not None or self.model.path is not None:
+                where = "init_from" if self.init_from is not None else "model.path"
+                raise ValueError(f"embedding_init: {where} brings trained embeddings; use embedding_init: random")
         if self.task in ("mlm", "rtd") and self.model.family != "bert":
             raise ValueError(f"model.family: task {self.task} needs the bert family")
         if self.task == "rtd" and self.model.path is not None:

@@ -102,6 +102,10 @@ class ElectraPair(torch.nn.Module):
         generator.generator_lm_head.weight = discriminator.electra.embeddings.word_embeddings.weight
         self.discriminator_weight = discriminator_weight
 
+    def get_input_embeddings(self) -> torch.nn.Module:
+        """The token embeddings both networks share."""
+        return self.discriminator.get_input_embeddings()
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -25,6 +25,7 @@ from launcher.metrics import MetricsWriter, NullWriter, json_safe, peak_flops
 from launcher.spec.deepspeed_config import build_deepspeed_config
 from launcher.spec.layout import STOP_FILE
 from launcher.tasks import build_task
+from launcher.tasks.embedding_init import init_from_corpus
 from launcher.worker.checkpoint import export_model, load_checkpoint
 from launcher.worker.context import RankContext
 from launcher.worker.engine import build_engine
@@ -49,11 +50,15 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
     fresh = task.fresh_modules()
     if fresh is not None and ctx.is_main:
         print(f"stage {stage.name}: {paths.start} has no weights for {fresh}; they start from random init", flush=True)
+    restore = ctx.restore_dir(paths.checkpoints)
+    if stage.embedding_init == "cooccurrence" and paths.start is None and restore is None:
+        line = init_from_corpus(model, stage, paths.data_dir, tokenizer.all_special_ids, spec.seed)
+        if ctx.is_main:
+            print(f"stage {stage.name}: {line}", flush=True)
     fpt = task.flops_per_token(model, plan.seq_len)
     num_params = sum(p.numel() for p in model.parameters())
     ds_config = build_deepspeed_config(spec.deepspeed, stage, plan)
     meta = run_meta(ctx.world_size, plan.global_batch_size, plan.zero_stage, stage.precision)
-    restore = ctx.restore_dir(paths.checkpoints)
     universal = False
     if restore is not None:
         saved = read_meta(restore)
