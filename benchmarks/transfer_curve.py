@@ -9,12 +9,13 @@ the same recipe for every start and size (3 epochs of the first N labeled review
 test reviews, or with `--split validation` on 10% carved from the labeled training reviews (to choose
 settings without looking at the test set). Starting points, each made once through `launcher run`:
   random        the demo's small BERT from random initialisation (the demo's tokenizer: only weights differ)
-  demo          the demo's pre-training export (`jobs/demo.yaml --stage pretrain --local`, ~3 min)
-  demo-4x       the same pre-training for 4x the steps (~13 min); demo-16x: 16x (~50 min); any demo-<N>x
-  cooc          jobs/transfer.yaml's pre-training: the demo's, with token embeddings started from co-occurrence
-                statistics (`embedding_init: cooccurrence`); cooc-<N>x: N times the steps
-  rtd           jobs/transfer-rtd.yaml's ELECTRA-style pre-training (`task: rtd`) of the same encoder, the demo's
-                steps; rtd-<N>x: N times the steps
+  demo          the demo's pre-training export (`jobs/demo.yaml --stage pretrain --local`, ~4 min): masked LM
+                from co-occurrence embeddings (`embedding_init: cooccurrence`), as jobs/transfer.yaml's
+  demo-4x       the same pre-training for 4x the steps; any demo-<N>x
+  mlm           the same masked LM from random token embeddings (`embedding_init: random`): masked LM alone;
+                mlm-<N>x: N times the steps (mlm-4x ~13 min, mlm-16x ~50 min)
+  rtd           jobs/transfer-rtd.yaml's ELECTRA-style pre-training (`task: rtd`) of the same encoder, the
+                demo's steps; rtd-<N>x: N times the steps
   minilm        the packaged all-MiniLM-L6-v2 (pre-trained at scale by others)
   minilm-dapt   MiniLM after jobs/dapt-minilm.yaml's continued masked-LM pre-training on the reviews
 Everything lands under --cache (starts/, points/<split>/lr<lr>/): a point whose summary is there is not run again, so
@@ -46,14 +47,14 @@ MINILM = ROOT / "data" / "models" / "all-minilm-l6-v2"
 DEPS = ROOT / "runs" / "bench-deps"
 PLOT_PACKAGES = ("matplotlib==3.11.2", "contourpy==1.3.3", "cycler==0.12.1", "fonttools==4.68.0",
                  "kiwisolver==1.5.1", "pyparsing==3.3.3")  # fmt: skip
-DEMO_STEPS = 800  # the pre-training steps of jobs/demo.yaml, jobs/transfer.yaml and jobs/transfer-rtd.yaml
-# Their stage `pretrain` makes the start's export.
-PRETRAININGS = {
-    "demo": Path("jobs/demo.yaml"),
-    "rtd": Path("jobs/transfer-rtd.yaml"),
-    "cooc": Path("jobs/transfer.yaml"),
+DEMO_STEPS = 800  # the pre-training steps of jobs/demo.yaml (as of jobs/transfer.yaml) and jobs/transfer-rtd.yaml
+# Job and overrides whose stage `pretrain` makes the start's export.
+PRETRAININGS: dict[str, tuple[Path, tuple[str, ...]]] = {
+    "demo": (Path("jobs/demo.yaml"), ()),
+    "mlm": (Path("jobs/demo.yaml"), ("stages.0.embedding_init=random",)),
+    "rtd": (Path("jobs/transfer-rtd.yaml"), ()),
 }
-STARTS = ("random", "demo", "demo-4x", "demo-16x", "cooc", "rtd", "rtd-4x", "minilm", "minilm-dapt")
+STARTS = ("random", "demo", "demo-4x", "mlm", "mlm-4x", "mlm-16x", "rtd", "rtd-4x", "minilm", "minilm-dapt")
 
 
 def launcher(*args: str) -> subprocess.CompletedProcess:
@@ -74,14 +75,14 @@ def start_overrides(start: str, cache: Path, pretrain_steps: int | None) -> list
         kind, _, times = base.partition("-")
         if start not in STARTS and not (times.endswith("x") and times[:-1].isdigit()):
             raise SystemExit(f"--starts: unknown start {start!r} (one of {', '.join(STARTS)})")
-        job = PRETRAININGS[kind]
+        job, extra = PRETRAININGS[kind]
         steps = pretrain_steps or DEMO_STEPS * int(times[:-1] or 1)
         out = cache / "starts" / base
         export = out / job.stem / "pretrain" / "model"
         if not (export / "config.json").is_file():
             print(f"pre-training {base} ({steps} steps) ...", flush=True)
             launcher("run", str(job), "--local", "--stage", "pretrain", f"output_dir={out}",
-                     f"stages.0.max_steps={steps}", "stages.0.checkpoint_every=0")  # fmt: skip
+                     f"stages.0.max_steps={steps}", "stages.0.checkpoint_every=0", *extra)  # fmt: skip
         # A random start reads the demo's tokenizer, so that only the weights differ from `demo`.
         return [f"stages.0.tokenizer.source={export}"] if start == "random" else [f"stages.0.init_from={export}"]
     if start == "minilm-dapt":

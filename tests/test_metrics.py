@@ -77,7 +77,7 @@ def test_ladder_ranks_the_starts_and_says_who_wins_from_the_figures() -> None:
     assert lines[0] == "test accuracy on data/demo/test.csv:"
     assert lines[1].startswith("  majority class") and lines[1].endswith("0.5790")
     assert [line.split()[-1] for line in lines[2:5]] == ["minilm", "baseline", "finetune"], "ranked"
-    assert "random initialisation" in lines[3] and "our pre-training" in lines[4] and "2,000 labels" in lines[4]
+    assert "random initialisation" in lines[3] and "our pre-training" in lines[4] and "250 labels" in lines[4]
     assert lines[-1] == (
         "Pretrained all-minilm-l6-v2 (minilm) wins by 9.4 points over random initialisation (baseline); "
         "our pre-training loses to training from scratch by 3.7 points."

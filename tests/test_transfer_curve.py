@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from tests.conftest import ROOT
 
@@ -52,14 +53,18 @@ def test_curve_runner_writes_the_csv_and_a_readable_plot_and_replots_from_its_ca
 
     # Settings are chosen on 10% carved from the labeled training reviews, not on the test set.
     # (and the ELECTRA-style start: jobs/transfer-rtd.yaml's rtd pre-training, its discriminator fine-tuned;
-    # the co-occurrence start: jobs/transfer.yaml's masked LM from co-occurrence embeddings)
-    validation = curve(tmp_path, "--starts", "random,rtd,cooc", "--sizes", "40", "--split", "validation")
+    # masked LM alone: the demo's pre-training with random token embeddings)
+    validation = curve(tmp_path, "--starts", "random,rtd,mlm", "--sizes", "40", "--split", "validation")
     assert "validation accuracy" in validation.stdout and "pre-training rtd (4 steps)" in validation.stdout
     config = (tmp_path / "starts" / "rtd" / "transfer-rtd" / "pretrain" / "model" / "config.json").read_text()
     assert '"ElectraForPreTraining"' in config
-    assert "pre-training cooc (4 steps)" in validation.stdout and "| cooc |" in validation.stdout
-    config = (tmp_path / "starts" / "cooc" / "transfer" / "pretrain" / "model" / "config.json").read_text()
-    assert '"BertForMaskedLM"' in config
+    assert "pre-training mlm (4 steps)" in validation.stdout and "| mlm |" in validation.stdout
+    # demo's token embeddings started from co-occurrence vectors (std 0.3); mlm's from random init (std 0.02)
+    stds = []
+    for start in ("demo", "mlm"):
+        with safe_open(tmp_path / "starts" / start / "demo" / "pretrain" / "model" / "model.safetensors", "pt") as f:
+            stds.append(float(f.get_tensor("bert.embeddings.word_embeddings.weight").std()))
+    assert stds[0] > 0.15 and stds[1] < 0.05, stds
     assert (tmp_path / "curve-validation.csv").is_file() and (tmp_path / "points" / "validation").is_dir()
 
     # A point is cached per learning rate: another --lr runs its own points and tabulates only them.
