@@ -47,7 +47,7 @@ MINILM = ROOT / "data" / "models" / "all-minilm-l6-v2"
 DEPS = ROOT / "runs" / "bench-deps"
 PLOT_PACKAGES = ("matplotlib==3.11.2", "contourpy==1.3.3", "cycler==0.12.1", "fonttools==4.68.0",
                  "kiwisolver==1.5.1", "pyparsing==3.3.3")  # fmt: skip
-DEMO_STEPS = 800  # the pre-training steps of jobs/demo.yaml (as of jobs/transfer.yaml) and jobs/transfer-rtd.yaml
+DEMO_STEPS = 800  # the pre-training steps of jobs/demo.yaml, jobs/transfer.yaml and jobs/transfer-rtd.yaml
 # Job and overrides whose stage `pretrain` makes the start's export.
 PRETRAININGS: dict[str, tuple[Path, tuple[str, ...]]] = {
     "demo": (Path("jobs/demo.yaml"), ()),
