@@ -75,7 +75,7 @@ def verdict(majority: float, ranked: list[Rung]) -> str:
         parts = [f"{best.start} ({best.stage}) wins by {gap} over {second.start} ({second.stage})"]
     ours = [r for r in ranked if r.kind == "ours"]
     scratch = [r for r in ranked if r.kind == "scratch"]
-    if ours and scratch and {id(ours[0]), id(scratch[0])} != {id(best), id(second)}:  # else said already
+    if ours and scratch and {ours[0].stage, scratch[0].stage} != {best.stage, second.stage}:  # else said already
         a, b = ours[0], scratch[0]
         if a.accuracy > b.accuracy:
             parts.append(f"our pre-training beats training from scratch by {points(a.accuracy, b.accuracy)}")

@@ -21,7 +21,7 @@ from launcher.data.store import TokenStore
 from launcher.spec.models import StageSpec
 
 WINDOW = 5  # tokens on each side that count as co-occurring
-MAX_TOKENS = 100_000_000  # the statistics read at most this many training tokens (the first, whole documents)
+MAX_TOKENS = 100_000_000  # the statistics read at most this many training tokens (the first ones)
 CHUNK_TOKENS = 4_000_000  # tokens counted at a time (memory: ~16 bytes a pair, 2 * WINDOW pairs a token)
 
 
@@ -36,7 +36,7 @@ def document_chunks(
         start, doc = 0, 0
         while doc < len(lengths) and budget > 0:
             last = int(np.searchsorted(ends, start + min(CHUNK_TOKENS, budget), side="right"))
-            if last == doc:  # one document longer than the chunk: count its first tokens alone
+            if last == doc:  # one document longer than the chunk: a chunk of its own
                 last = doc + 1
             stop = min(int(ends[last - 1]), start + budget)
             tokens = store.tokens(start, stop)
