@@ -23,9 +23,10 @@ from launcher.spec.deepspeed_config import build_deepspeed_config
 from launcher.worker.context import local_context
 from launcher.worker.engine import build_engine, param_groups
 
-zero, precision = int(sys.argv[1]), sys.argv[2]
+zero, precision, scale = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 spec = load_spec("jobs/finetune-minilm-rt.yaml",
-                 [f"deepspeed.zero_stage={zero}", "stages.0.optim.grad_clip=0", f"stages.0.precision={precision}"])
+                 [f"deepspeed.zero_stage={zero}", "stages.0.optim.grad_clip=0", f"stages.0.precision={precision}",
+                  f"stages.0.optim.embedding_lr_scale={scale}"])
 stage = spec.stages[0]
 plan = StagePlan(name="t", task="classification", world_size=1, micro_batch_size=4, grad_accum_steps=1,
                  global_batch_size=4, eval_batch_size=4, seq_len=16, tokens_per_step=64, steps=10, zero_stage=zero,
@@ -41,7 +42,7 @@ engine = build_engine(model, build_deepspeed_config(spec.deepspeed, stage, plan)
 ds_calls = []
 original = engine.allreduce_gradients
 engine.allreduce_gradients = lambda *a, **k: (ds_calls.append(1), original(*a, **k))[1]
-optimizer = torch.optim.AdamW(param_groups(reference, stage.optim.weight_decay), lr=stage.optim.lr, foreach=False)
+optimizer = torch.optim.AdamW(param_groups(reference, stage.optim), lr=stage.optim.lr, foreach=False)
 schedule = transformers.get_scheduler("linear", optimizer, num_warmup_steps=stage.schedule.warmup_steps,
                                       num_training_steps=plan.steps)
 batch = {"input_ids": torch.randint(5, 100, (4, 16)), "attention_mask": torch.ones(4, 16, dtype=torch.long),
@@ -57,23 +58,30 @@ for _ in range(3):
 gap = max(float((a.float() - b).abs().max()) for a, b in zip(engine.module.parameters(), reference.parameters()))
 base = getattr(engine.optimizer, "optimizer", engine.optimizer)
 print(json.dumps({"allreduce": engine.enable_backward_allreduce, "calls": len(ds_calls), "gap": gap,
-                  "fused": bool(base.defaults.get("fused"))}))
+                  "fused": bool(base.defaults.get("fused")), "groups": len(base.param_groups),
+                  "lr_ratio": base.param_groups[-1]["lr"] / base.param_groups[0]["lr"]}))
 """
 
 
-@pytest.mark.parametrize(("zero", "precision"), [(0, "fp32"), (2, "fp32"), (0, "bf16")])
-def test_engine_matches_plain_adamw_and_skips_self_allreduce(zero, precision) -> None:
+@pytest.mark.parametrize(
+    ("zero", "precision", "scale"), [(0, "fp32", 1.0), (2, "fp32", 1.0), (0, "bf16", 1.0), (2, "fp32", 0.1)]
+)
+def test_engine_matches_plain_adamw_and_skips_self_allreduce(zero, precision, scale) -> None:
     """World size 1: ZeRO-0 skips the all-reduce with itself and still takes plain AdamW's steps (fused);
-    in bf16 (DeepSpeed's BF16 optimizer, fp32 master weights) up to bf16 rounding of the weights."""
+    in bf16 (DeepSpeed's BF16 optimizer, fp32 master weights) up to bf16 rounding of the weights. With
+    `embedding_lr_scale` the token embeddings are a third group whose scheduled rate stays scaled
+    (under ZeRO-2's flattened groups too)."""
     out = subprocess.run(
-        [sys.executable, "-c", CHECK, str(zero), precision], cwd=ROOT, capture_output=True, text=True, check=False,
-        timeout=300,
+        [sys.executable, "-c", CHECK, str(zero), precision, str(scale)], cwd=ROOT, capture_output=True, text=True,
+        check=False, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["fused"], "the torch AdamW DeepSpeed builds is the fused one"
     tolerance = 1e-5 if precision == "fp32" else 2e-2  # bf16 keeps 8 bits of mantissa: |w| <= ~2 here
     assert result["gap"] < tolerance, f"3 steps drift from torch's AdamW by {result['gap']}"
+    assert result["groups"] == (2 if scale == 1.0 else 3)
+    assert result["lr_ratio"] == pytest.approx(1.0 if scale == 1.0 else scale), "the schedule lost the scale"
     if zero == 0:
         assert not result["allreduce"] and result["calls"] == 0, "a world of one all-reduced its gradients"
     else:

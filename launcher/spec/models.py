@@ -254,6 +254,13 @@ class OptimSpec(Section):
     beta2: float = Field(default=0.999, ge=0.0, lt=1.0, description="Adam beta2.")
     eps: float = Field(default=1e-8, gt=0.0, description="Adam epsilon.")
     grad_clip: float = Field(default=1.0, ge=0.0, description="Clip the global gradient norm (0 disables).")
+    embedding_lr_scale: float = Field(
+        default=1.0,
+        gt=0.0,
+        description="Multiplier of `lr` for the token-embedding matrix (and an output layer tied to it); the "
+        "schedule applies alike. Below 1 it keeps embeddings that start from something (`embedding_init: "
+        "cooccurrence`, an `init_from` model) from being overwritten while the rest of the network learns.",
+    )
     skip_nonfinite: bool = Field(
         default=False,
         description="Skip a step whose loss is NaN or infinite (weights and optimizer state untouched, a warning) "

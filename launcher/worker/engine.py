@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from launcher.spec.models import StageSpec
+from launcher.spec.models import OptimSpec, StageSpec
 
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -38,13 +38,24 @@ def extensions_dir() -> str:
     return str(Path(get_default_build_root()) / f"launcher-{digest}")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only; biases and norm weights (1-D) are not decayed (HF Trainer's rule)."""
+def param_groups(model: torch.nn.Module, optim: OptimSpec) -> list[dict[str, Any]]:
+    """Decay matrices only; biases and norm weights (1-D) are not decayed (HF Trainer's rule).
+
+    With `optim.embedding_lr_scale` other than 1 the token-embedding matrix (and an output layer tied
+    to it) gets a group of its own whose peak learning rate is scaled; the schedule scales every
+    group's rate alike.
+    """
+    embedding = model.get_input_embeddings().weight if optim.embedding_lr_scale != 1.0 else None
     decay, no_decay = [], []
     for param in model.parameters():
-        if param.requires_grad:
+        if param.requires_grad and param is not embedding:
             (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if embedding is not None and embedding.requires_grad:
+        groups.append(
+            {"params": [embedding], "weight_decay": optim.weight_decay, "lr": optim.lr * optim.embedding_lr_scale}
+        )
+    return groups
 
 
 def build_engine(  # noqa: ANN201
@@ -81,7 +92,7 @@ def build_engine(  # noqa: ANN201
 
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        model_parameters=param_groups(model, stage.optim.weight_decay),
+        model_parameters=param_groups(model, stage.optim),
         config=ds_config,
         lr_scheduler=schedule,
     )
