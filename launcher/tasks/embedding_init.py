@@ -11,6 +11,7 @@ then start the pre-training stage's token embeddings; the rest of the network st
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -123,6 +124,7 @@ def init_from_corpus(
     model: torch.nn.Module, stage: StageSpec, data_dir: Path, skip_ids: Iterable[int], seed: int
 ) -> str:
     """Set `model`'s input embeddings from the stage's prepared training split; returns a line saying so."""
+    started = time.perf_counter()
     sources = range(len(TokenStore.source_weights(data_dir))) if stage.data.sources else [None]
     stores = [TokenStore.read(data_dir, "train", source) for source in sources]
     embedding = model.get_input_embeddings()
@@ -131,5 +133,5 @@ def init_from_corpus(
     read = min(sum(store.num_tokens for store in stores), MAX_TOKENS)
     return (
         f"token embeddings of {rows} tokens set from co-occurrence statistics (PPMI, window {WINDOW}, SVD) of "
-        f"{read:,} training tokens, std {stage.embedding_init_std:g}"
+        f"{read:,} training tokens, std {stage.embedding_init_std:g}, in {time.perf_counter() - started:.1f} s"
     )
