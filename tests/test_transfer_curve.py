@@ -67,9 +67,11 @@ def test_curve_runner_writes_the_csv_and_a_readable_plot_and_replots_from_its_ca
     assert stds[0] > 0.15 and stds[1] < 0.05, stds
     assert (tmp_path / "curve-validation.csv").is_file() and (tmp_path / "points" / "validation").is_dir()
 
-    # A point is cached per learning rate: another --lr runs its own points and tabulates only them.
-    before = len(list((tmp_path / "points" / "validation").rglob("summary.json")))
-    curve(tmp_path, "--starts", "random", "--sizes", "40", "--split", "validation", "--lr", "5e-4")
-    assert len(list((tmp_path / "points" / "validation").rglob("summary.json"))) > before, "reused another lr's"
+    # The learning rate is chosen per start; a point is cached per rate: another rate runs its own points, and
+    # each start is tabulated at its own rate only.
+    before = len(stage_summaries())
+    curve(tmp_path, "--starts", "random,mlm", "--sizes", "40", "--split", "validation", "--lr", "1e-3,random=5e-4")
+    assert len(stage_summaries()) == before + 1, "one new point: random at its own rate; mlm cached"
     with (tmp_path / "curve-validation.csv").open(newline="") as stream:
-        assert {r["lr"] for r in csv.DictReader(stream)} == {"0.0005"}
+        rates = {(r["start"], r["lr"]) for r in csv.DictReader(stream)}
+    assert rates == {("random", "0.0005"), ("rtd", "0.001"), ("mlm", "0.001")}, rates
