@@ -196,7 +196,7 @@ def plot(rows: list[dict], path: Path, split: str, default_lr: float) -> None:
     axes.set_xscale("log")
     axes.set_xlabel("labeled training reviews")
     axes.set_ylabel(f"{split} accuracy")
-    title = f"Fresh/rotten accuracy by start (fine-tuning lr {default_lr:g} unless noted; mean of seeds, min-max)"
+    title = f"Accuracy by start (fine-tuning lr {default_lr:g} unless noted; mean of seeds, min-max)"
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
