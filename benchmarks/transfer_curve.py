@@ -41,6 +41,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple, NoReturn
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "benchmarks" / "transfer-finetune.yaml"
@@ -59,6 +60,21 @@ PRETRAININGS: dict[str, tuple[Path, tuple[str, ...]]] = {
 STARTS = ("random", "demo", "demo-4x", "mlm", "mlm-4x", "mlm-16x", "rtd", "rtd-4x", "minilm", "minilm-dapt")
 
 
+def user_error(message: str) -> NoReturn:
+    """A wrong flag or a missing file: one line naming it, exit code 2."""
+    print(f"transfer_curve.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_start(start: str) -> None:
+    """A start is one of STARTS or a pre-training at a multiple of the demo's steps (`mlm-8x`)."""
+    kind, _, times = start.partition("-")
+    if start not in STARTS and not (
+        kind in PRETRAININGS and times.endswith("x") and times[:-1].isdigit() and int(times[:-1]) > 0
+    ):
+        user_error(f"--starts: unknown start {start!r} (one of {', '.join(STARTS)}, or e.g. demo-8x)")
+
+
 def launcher(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=env, capture_output=True,
@@ -75,8 +91,6 @@ def start_overrides(start: str, cache: Path, pretrain_steps: int | None) -> list
     if start == "random" or start.split("-")[0] in PRETRAININGS:
         base = "demo" if start == "random" else start
         kind, _, times = base.partition("-")
-        if start not in STARTS and not (times.endswith("x") and times[:-1].isdigit()):
-            raise SystemExit(f"--starts: unknown start {start!r} (one of {', '.join(STARTS)})")
         job, extra = PRETRAININGS[kind]
         steps = pretrain_steps or DEMO_STEPS * int(times[:-1] or 1)
         out = cache / "starts" / base
@@ -95,7 +109,7 @@ def start_overrides(start: str, cache: Path, pretrain_steps: int | None) -> list
             steps = [f"stages.0.max_steps={pretrain_steps}"] if pretrain_steps else []
             launcher("run", "jobs/dapt-minilm.yaml", "--local", "--stage", "continue", f"output_dir={out}", *steps)
         return [f"stages.0.init_from={export}"]
-    raise SystemExit(f"--starts: unknown start {start!r} (one of {', '.join(STARTS)})")
+    raise AssertionError(f"start {start!r} passed check_start but has no recipe")
 
 
 def labeled_reviews() -> int:
@@ -103,22 +117,32 @@ def labeled_reviews() -> int:
         return sum(1 for _ in csv.DictReader(stream))
 
 
-def learning_rates(spec: str) -> tuple[float, dict[str, float]]:
-    """`--lr`'s "RATE[,START=RATE...]": the rate of every start, and the starts that have their own."""
+class Rates(NamedTuple):
+    """`--lr`: the fine-tuning rate of every start, and the starts that have their own."""
+
+    default: float
+    own: dict[str, float]
+
+    def of(self, start: str) -> float:
+        return self.own.get(start, self.default)
+
+
+def learning_rates(spec: str) -> Rates:
+    """Parses `--lr`'s "RATE[,START=RATE...]"."""
     default, own = None, {}
     for part in spec.split(","):
         start, _, rate = part.rpartition("=")
         try:
             value = float(rate)
         except ValueError:
-            raise SystemExit(f"--lr: {part!r} is not RATE or START=RATE") from None
+            user_error(f"--lr: {part!r} is not RATE or START=RATE")
         if start:
             own[start] = value
         else:
             default = value
     if default is None:
-        raise SystemExit(f"--lr: {spec!r} names no rate for the other starts (e.g. 1e-3,minilm=2e-4)")
-    return default, own
+        user_error(f"--lr: {spec!r} names no rate for the other starts (e.g. 1e-3,minilm=2e-4)")
+    return Rates(default, own)
 
 
 def points_root(cache: Path, split: str, lr: float) -> Path:
@@ -154,16 +178,15 @@ def run_point(start: str, size: int | None, seed: int, args: argparse.Namespace,
             shutil.rmtree(out / "transfer" / "finetune" / name, ignore_errors=True)
 
 
-def cached_rows(cache: Path, split: str, rates: tuple[float, dict[str, float]], total: int,
+def cached_rows(cache: Path, split: str, rates: Rates, total: int,
                 order: list[str]) -> list[dict]:  # fmt: skip
     """Every point of the split in the cache (this invocation's and earlier ones') at its start's learning rate,
     `order`'s starts first."""
-    default, own = rates
     rows = []
     for path in sorted((cache / "points" / split).glob(f"lr*/*/n*/seed*/{SUMMARY}")):
         seed_dir = path.parents[2]
         size, start = seed_dir.parent.name[1:], seed_dir.parent.parent.name
-        lr = own.get(start, default)
+        lr = rates.of(start)
         if seed_dir.parents[2] != points_root(cache, split, lr):
             continue  # another rate's point
         summary = json.loads(path.read_text())
@@ -246,15 +269,17 @@ def main() -> None:
     parser.add_argument("--max-eval", type=int, help="(tests) score on the first this many eval reviews")
     args = parser.parse_args()
     if not TRAIN.is_file():
-        raise SystemExit(f"{TRAIN} is missing: run `make data` first")
+        user_error(f"{TRAIN} is missing: run `make data` first")
     total = labeled_reviews()
     sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     args.cache.mkdir(parents=True, exist_ok=True)
     starts = args.starts.split(",")
+    for start in starts:
+        check_start(start)
     rates = learning_rates(args.lr)
     for start in [] if args.plot_only else starts:
-        lr = rates[1].get(start, rates[0])
+        lr = rates.of(start)
         for size in sizes:
             for seed in seeds:
                 run_point(start, size, seed, args, total, lr)
@@ -266,14 +291,14 @@ def main() -> None:
     rows = cached_rows(args.cache, args.split, rates, total, starts)
     if not rows:
         where = args.cache / "points" / args.split
-        raise SystemExit(f"no {args.split} points at --lr {args.lr} under {where}: run without --plot-only first")
+        user_error(f"no {args.split} points at --lr {args.lr} under {where}: run without --plot-only first")
     csv_path = args.cache / f"curve-{args.split}.csv"
     with csv_path.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
     png = csv_path.with_suffix(".png")
-    plot(rows, png, args.split, rates[0])
+    plot(rows, png, args.split, rates.default)
     print(table(rows))
     print(f"wrote {csv_path} and {png}")
 

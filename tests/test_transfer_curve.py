@@ -12,8 +12,6 @@ from safetensors import safe_open
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow
-
 
 def curve(cache: Path, *args: str) -> subprocess.CompletedProcess:
     tiny = ["--pretrain-steps", "4", "--max-steps", "3", "--max-eval", "200", "--seeds", "0"]
@@ -23,6 +21,7 @@ def curve(cache: Path, *args: str) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow
 def test_curve_runner_writes_the_csv_and_a_readable_plot_and_replots_from_its_cache(tmp_path) -> None:
     from PIL import Image
 
@@ -75,3 +74,21 @@ def test_curve_runner_writes_the_csv_and_a_readable_plot_and_replots_from_its_ca
     with (tmp_path / "curve-validation.csv").open(newline="") as stream:
         rates = {(r["start"], r["lr"]) for r in csv.DictReader(stream)}
     assert rates == {("random", "0.0005"), ("rtd", "0.001"), ("mlm", "0.001")}, rates
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--starts", "random,bert"], "--starts: unknown start 'bert'"),
+        (["--starts", "demo-0x"], "--starts: unknown start 'demo-0x'"),
+        (["--lr", "fast"], "--lr: 'fast' is not RATE or START=RATE"),
+        (["--lr", "minilm=2e-4"], "--lr: 'minilm=2e-4' names no rate for the other starts"),
+        (["--plot-only", "--lr", "0.123"], "no test points at --lr 0.123"),
+    ],
+)
+def test_curve_runner_user_errors_name_the_flag_and_exit_2(tmp_path, args, message) -> None:
+    command = [sys.executable, "benchmarks/transfer_curve.py", "--cache", str(tmp_path), *args]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    assert result.stderr.startswith("transfer_curve.py: error: " + message), result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir()), "nothing ran"
