@@ -66,13 +66,24 @@ def user_error(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def check_start(start: str) -> None:
-    """A start is one of STARTS or a pre-training at a multiple of the demo's steps (`mlm-8x`)."""
+def known_start(start: str) -> bool:
+    """One of STARTS or a pre-training at a multiple of the demo's steps (`mlm-8x`)."""
     kind, _, times = start.partition("-")
-    if start not in STARTS and not (
-        kind in PRETRAININGS and times.endswith("x") and times[:-1].isdigit() and int(times[:-1]) > 0
-    ):
-        user_error(f"--starts: unknown start {start!r} (one of {', '.join(STARTS)}, or e.g. demo-8x)")
+    multiple = times.endswith("x") and times[:-1].isdigit() and int(times[:-1]) > 0
+    return start in STARTS or (kind in PRETRAININGS and multiple)
+
+
+def check_start(start: str, flag: str = "--starts") -> None:
+    if not known_start(start):
+        user_error(f"{flag}: unknown start {start!r} (one of {', '.join(STARTS)}, or e.g. demo-8x)")
+
+
+def integers(flag: str, text: str, allow: str | None = None) -> list[int | None]:
+    """A comma-separated list of counts (`allow`, e.g. "all", stands for None)."""
+    try:
+        return [None if part == allow else int(part) for part in text.split(",")]
+    except ValueError:
+        user_error(f"{flag}: {text!r} is not a comma-separated list of whole numbers")
 
 
 def launcher(*args: str) -> subprocess.CompletedProcess:
@@ -137,6 +148,7 @@ def learning_rates(spec: str) -> Rates:
         except ValueError:
             user_error(f"--lr: {part!r} is not RATE or START=RATE")
         if start:
+            check_start(start, "--lr")
             own[start] = value
         else:
             default = value
@@ -271,8 +283,8 @@ def main() -> None:
     if not TRAIN.is_file():
         user_error(f"{TRAIN} is missing: run `make data` first")
     total = labeled_reviews()
-    sizes = [None if s == "all" else int(s) for s in args.sizes.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
+    sizes = integers("--sizes", args.sizes, allow="all")
+    seeds = integers("--seeds", args.seeds)
     args.cache.mkdir(parents=True, exist_ok=True)
     starts = args.starts.split(",")
     for start in starts:

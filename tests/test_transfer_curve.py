@@ -81,8 +81,11 @@ def test_curve_runner_writes_the_csv_and_a_readable_plot_and_replots_from_its_ca
     [
         (["--starts", "random,bert"], "--starts: unknown start 'bert'"),
         (["--starts", "demo-0x"], "--starts: unknown start 'demo-0x'"),
+        (["--sizes", "250,lots"], "--sizes: '250,lots' is not a comma-separated list of whole numbers"),
+        (["--seeds", "all"], "--seeds: 'all' is not a comma-separated list of whole numbers"),
         (["--lr", "fast"], "--lr: 'fast' is not RATE or START=RATE"),
         (["--lr", "minilm=2e-4"], "--lr: 'minilm=2e-4' names no rate for the other starts"),
+        (["--lr", "1e-3,minlm=2e-4"], "--lr: unknown start 'minlm'"),
         (["--plot-only", "--lr", "0.123"], "no test points at --lr 0.123"),
     ],
 )
