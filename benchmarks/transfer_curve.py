@@ -41,7 +41,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple, NoReturn
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "benchmarks" / "transfer-finetune.yaml"
@@ -60,30 +60,27 @@ PRETRAININGS: dict[str, tuple[Path, tuple[str, ...]]] = {
 STARTS = ("random", "demo", "demo-4x", "mlm", "mlm-4x", "mlm-16x", "rtd", "rtd-4x", "minilm", "minilm-dapt")
 
 
-def user_error(message: str) -> NoReturn:
-    """A wrong flag or a missing file: one line naming it, exit code 2."""
-    print(f"transfer_curve.py: error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+def start_names(text: str) -> list[str]:
+    """`--starts`: each one of STARTS or a pre-training at a multiple of the demo's steps (`mlm-8x`)."""
+    starts = text.split(",")
+    for start in starts:
+        kind, _, times = start.partition("-")
+        multiple = times.endswith("x") and times[:-1].isdigit() and int(times[:-1]) > 0
+        if start not in STARTS and not (kind in PRETRAININGS and multiple):
+            raise argparse.ArgumentTypeError(f"unknown start {start!r} (one of {', '.join(STARTS)}, or e.g. demo-8x)")
+    return starts
 
 
-def known_start(start: str) -> bool:
-    """One of STARTS or a pre-training at a multiple of the demo's steps (`mlm-8x`)."""
-    kind, _, times = start.partition("-")
-    multiple = times.endswith("x") and times[:-1].isdigit() and int(times[:-1]) > 0
-    return start in STARTS or (kind in PRETRAININGS and multiple)
-
-
-def check_start(start: str, flag: str = "--starts") -> None:
-    if not known_start(start):
-        user_error(f"{flag}: unknown start {start!r} (one of {', '.join(STARTS)}, or e.g. demo-8x)")
-
-
-def integers(flag: str, text: str, allow: str | None = None) -> list[int | None]:
-    """A comma-separated list of counts (`allow`, e.g. "all", stands for None)."""
+def whole_numbers(text: str) -> list[int]:
     try:
-        return [None if part == allow else int(part) for part in text.split(",")]
+        return [int(part) for part in text.split(",")]
     except ValueError:
-        user_error(f"{flag}: {text!r} is not a comma-separated list of whole numbers")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+
+
+def label_counts(text: str) -> list[int | None]:
+    """`--sizes`: whole numbers, `all` (None) for every labeled review."""
+    return [None if part == "all" else whole_numbers(part)[0] for part in text.split(",")]
 
 
 def launcher(*args: str) -> subprocess.CompletedProcess:
@@ -120,7 +117,7 @@ def start_overrides(start: str, cache: Path, pretrain_steps: int | None) -> list
             steps = [f"stages.0.max_steps={pretrain_steps}"] if pretrain_steps else []
             launcher("run", "jobs/dapt-minilm.yaml", "--local", "--stage", "continue", f"output_dir={out}", *steps)
         return [f"stages.0.init_from={export}"]
-    raise AssertionError(f"start {start!r} passed check_start but has no recipe")
+    raise AssertionError(f"start {start!r} passed --starts' check but has no recipe")
 
 
 def labeled_reviews() -> int:
@@ -146,14 +143,14 @@ def learning_rates(spec: str) -> Rates:
         try:
             value = float(rate)
         except ValueError:
-            user_error(f"--lr: {part!r} is not RATE or START=RATE")
+            raise argparse.ArgumentTypeError(f"{part!r} is not RATE or START=RATE") from None
         if start:
-            check_start(start, "--lr")
+            start_names(start)
             own[start] = value
         else:
             default = value
     if default is None:
-        user_error(f"--lr: {spec!r} names no rate for the other starts (e.g. 1e-3,minilm=2e-4)")
+        raise argparse.ArgumentTypeError(f"{spec!r} names no rate for the other starts (e.g. 1e-3,minilm=2e-4)")
     return Rates(default, own)
 
 
@@ -263,16 +260,16 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="250,500,1000,2000,5000,all")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--starts", default="random,demo,minilm")
+    parser.add_argument("--sizes", type=label_counts, default="250,500,1000,2000,5000,all")
+    parser.add_argument("--seeds", type=whole_numbers, default="0,1,2")
+    parser.add_argument("--starts", type=start_names, default="random,demo,minilm")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "transfer")
     parser.add_argument("--split", choices=("test", "validation"), default="test")
     # Chosen with --split validation at 2,000 labels (3 seeds, 2026-12-04): random init 0.614 / 0.675 / 0.618
     # at 2e-4 / 1e-3 / 3e-3; the demo's 4x pre-training 0.583 / 0.639 at 2e-4 / 1e-3 (the best of both at 1e-3).
     # MiniLM (22M parameters, pre-trained at scale) at 2,000 labels, seed 0 (2026-12-04): 0.804 / 0.709 at
     # 2e-4 / 1e-3; minilm-dapt is the same encoder and takes MiniLM's rate.
-    parser.add_argument("--lr", default="1e-3,minilm=2e-4,minilm-dapt=2e-4",
+    parser.add_argument("--lr", type=learning_rates, default="1e-3,minilm=2e-4,minilm-dapt=2e-4",
                         help="RATE[,START=RATE...]: the fine-tuning rate, per start")  # fmt: skip
     parser.add_argument("--min-steps", type=int, default=250, help="fewest optimizer steps at any size")
     parser.add_argument("--plot-only", action="store_true", help="tabulate and plot the cache; run nothing")
@@ -281,15 +278,10 @@ def main() -> None:
     parser.add_argument("--max-eval", type=int, help="(tests) score on the first this many eval reviews")
     args = parser.parse_args()
     if not TRAIN.is_file():
-        user_error(f"{TRAIN} is missing: run `make data` first")
+        parser.error(f"{TRAIN} is missing: run `make data` first")
     total = labeled_reviews()
-    sizes = integers("--sizes", args.sizes, allow="all")
-    seeds = integers("--seeds", args.seeds)
+    sizes, seeds, starts, rates = args.sizes, args.seeds, args.starts, args.lr
     args.cache.mkdir(parents=True, exist_ok=True)
-    starts = args.starts.split(",")
-    for start in starts:
-        check_start(start)
-    rates = learning_rates(args.lr)
     for start in [] if args.plot_only else starts:
         lr = rates.of(start)
         for size in sizes:
@@ -303,7 +295,9 @@ def main() -> None:
     rows = cached_rows(args.cache, args.split, rates, total, starts)
     if not rows:
         where = args.cache / "points" / args.split
-        user_error(f"no {args.split} points at --lr {args.lr} under {where}: run without --plot-only first")
+        parser.error(
+            f"no {args.split} points of {', '.join(starts)} at their --lr under {where}: run without --plot-only"
+        )
     csv_path = args.cache / f"curve-{args.split}.csv"
     with csv_path.open("w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(rows[0]))

@@ -79,19 +79,20 @@ def test_curve_runner_writes_the_csv_and_a_readable_plot_and_replots_from_its_ca
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--starts", "random,bert"], "--starts: unknown start 'bert'"),
-        (["--starts", "demo-0x"], "--starts: unknown start 'demo-0x'"),
-        (["--sizes", "250,lots"], "--sizes: '250,lots' is not a comma-separated list of whole numbers"),
-        (["--seeds", "all"], "--seeds: 'all' is not a comma-separated list of whole numbers"),
-        (["--lr", "fast"], "--lr: 'fast' is not RATE or START=RATE"),
-        (["--lr", "minilm=2e-4"], "--lr: 'minilm=2e-4' names no rate for the other starts"),
-        (["--lr", "1e-3,minlm=2e-4"], "--lr: unknown start 'minlm'"),
-        (["--plot-only", "--lr", "0.123"], "no test points at --lr 0.123"),
+        (["--starts", "random,bert"], "argument --starts: unknown start 'bert'"),
+        (["--starts", "demo-0x"], "argument --starts: unknown start 'demo-0x'"),
+        (["--sizes", "250,lots"], "argument --sizes: 'lots' is not a comma-separated list of whole numbers"),
+        (["--seeds", "all"], "argument --seeds: 'all' is not a comma-separated list of whole numbers"),
+        (["--lr", "fast"], "argument --lr: 'fast' is not RATE or START=RATE"),
+        (["--lr", "minilm=2e-4"], "argument --lr: 'minilm=2e-4' names no rate for the other starts"),
+        (["--lr", "1e-3,minlm=2e-4"], "argument --lr: unknown start 'minlm'"),
+        (["--plot-only", "--lr", "0.123"], "no test points of random, demo, minilm at their --lr"),
     ],
 )
 def test_curve_runner_user_errors_name_the_flag_and_exit_2(tmp_path, args, message) -> None:
     command = [sys.executable, "benchmarks/transfer_curve.py", "--cache", str(tmp_path), *args]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
-    assert result.stderr.startswith("transfer_curve.py: error: " + message), result.stderr
+    usage, error = result.stderr.splitlines()[0], result.stderr.splitlines()[-1]
+    assert usage.startswith("usage: transfer_curve.py") and error.startswith("transfer_curve.py: error: " + message)
     assert "Traceback" not in result.stderr and not list(tmp_path.iterdir()), "nothing ran"
