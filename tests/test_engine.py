@@ -15,8 +15,8 @@ import pytest
 from tests.conftest import ROOT
 
 CHECK = r"""
-import json, sys
-import torch, transformers
+import contextlib, json, sys
+import deepspeed, torch, transformers
 from launcher.spec.load import load_spec
 from launcher.spec.plan import StagePlan
 from launcher.spec.deepspeed_config import build_deepspeed_config
@@ -55,7 +55,9 @@ for _ in range(3):
     optimizer.step()
     schedule.step()
     optimizer.zero_grad()
-gap = max(float((a.float() - b).abs().max()) for a, b in zip(engine.module.parameters(), reference.parameters()))
+params = list(engine.module.parameters())
+with deepspeed.zero.GatheredParameters(params) if zero == 3 else contextlib.nullcontext():  # ZeRO-3: whole again
+    gap = max(float((a.float() - b).abs().max()) for a, b in zip(params, reference.parameters()))
 base = getattr(engine.optimizer, "optimizer", engine.optimizer)
 print(json.dumps({"allreduce": engine.enable_backward_allreduce, "calls": len(ds_calls), "gap": gap,
                   "fused": bool(base.defaults.get("fused")), "groups": len(base.param_groups),
@@ -64,13 +66,14 @@ print(json.dumps({"allreduce": engine.enable_backward_allreduce, "calls": len(ds
 
 
 @pytest.mark.parametrize(
-    ("zero", "precision", "scale"), [(0, "fp32", 1.0), (2, "fp32", 1.0), (0, "bf16", 1.0), (2, "fp32", 0.1)]
+    ("zero", "precision", "scale"),
+    [(0, "fp32", 1.0), (2, "fp32", 1.0), (0, "bf16", 1.0), (2, "fp32", 0.1), (3, "fp32", 0.1)],
 )
 def test_engine_matches_plain_adamw_and_skips_self_allreduce(zero, precision, scale) -> None:
     """World size 1: ZeRO-0 skips the all-reduce with itself and still takes plain AdamW's steps (fused);
     in bf16 (DeepSpeed's BF16 optimizer, fp32 master weights) up to bf16 rounding of the weights. With
     `embedding_lr_scale` the token embeddings are a third group whose scheduled rate stays scaled
-    (under ZeRO-2's flattened groups too)."""
+    (under ZeRO-2's flattened groups and ZeRO-3's partitioned ones too)."""
     out = subprocess.run(
         [sys.executable, "-c", CHECK, str(zero), precision, str(scale)], cwd=ROOT, capture_output=True, text=True,
         check=False, timeout=300,
@@ -85,7 +88,7 @@ def test_engine_matches_plain_adamw_and_skips_self_allreduce(zero, precision, sc
     if zero == 0:
         assert not result["allreduce"] and result["calls"] == 0, "a world of one all-reduced its gradients"
     else:
-        assert result["allreduce"], "ZeRO-2 reduces gradients in its own hooks: its switch stays as DeepSpeed set it"
+        assert result["allreduce"], "ZeRO-2/3 reduce gradients in their own hooks: the switch stays as DeepSpeed set it"
 
 
 def test_deepspeed_ops_build_in_a_cache_folder_of_this_installation(monkeypatch) -> None:

@@ -19,9 +19,16 @@ ARGS = ["jobs/debug/tiny.yaml", "--local", "stages.0.model.dropout=0.1", "stages
         "stages.1.max_steps=6"]  # fmt: skip
 
 
-@pytest.mark.parametrize(("zero_stage", "task"), [(0, "mlm"), (2, "mlm"), (2, "rtd")])
-def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, zero_stage, task) -> None:
-    args = [*ARGS, f"deepspeed.zero_stage={zero_stage}", f"stages.0.task={task}"]
+# ZeRO-3 with the demo's co-occurrence embeddings and an own embedding rate: the restore must keep the
+# scaled rate's optimizer group and must not start the embeddings from the corpus again.
+EMBEDDINGS = ["stages.0.embedding_init=cooccurrence", "stages.0.optim.embedding_lr_scale=0.5"]
+
+
+@pytest.mark.parametrize(
+    ("zero_stage", "task", "extra"), [(0, "mlm", []), (2, "mlm", []), (2, "rtd", []), (3, "mlm", EMBEDDINGS)]
+)
+def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, zero_stage, task, extra) -> None:
+    args = [*ARGS, f"deepspeed.zero_stage={zero_stage}", f"stages.0.task={task}", *extra]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     # One preparation for both runs: `tokenizers` breaks vocabulary ties in hash order, so two
     # fresh preparations may differ; the resumed run reuses its own preparation like any re-run.
