@@ -13,7 +13,7 @@ the validation split): `--lr RATE[,START=RATE...]`. Starting points, each made o
   random        the demo's small BERT from random initialisation (the demo's tokenizer: only weights differ)
   demo          the demo's pre-training export (`jobs/demo.yaml --stage pretrain --local`, ~4 min): masked LM
                 from co-occurrence embeddings (`embedding_init: cooccurrence`), as jobs/transfer.yaml's
-  demo-4x       the same pre-training for 4x the steps; any demo-<N>x
+  demo-4x       the same pre-training for 4x the steps; any demo-<N>x (demo-4x ~12 min, demo-16x ~51 min)
   mlm           the same masked LM from random token embeddings (`embedding_init: random`): masked LM alone;
                 mlm-<N>x: N times the steps (mlm-4x ~13 min, mlm-16x ~50 min)
   rtd           jobs/transfer-rtd.yaml's ELECTRA-style pre-training (`task: rtd`) of the same encoder, the
