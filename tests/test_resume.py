@@ -19,8 +19,9 @@ ARGS = ["jobs/debug/tiny.yaml", "--local", "stages.0.model.dropout=0.1", "stages
         "stages.1.max_steps=6"]  # fmt: skip
 
 
-# ZeRO-3 with the demo's co-occurrence embeddings and an own embedding rate: the restore must keep the
-# scaled rate's optimizer group and must not start the embeddings from the corpus again.
+# ZeRO-3 (partitioned weights and optimizer state) with the demo's co-occurrence embeddings and an
+# embedding rate of their own: the restored run (its embeddings from the checkpoint, its scaled
+# optimizer group) must take the straight run's steps.
 EMBEDDINGS = ["stages.0.embedding_init=cooccurrence", "stages.0.optim.embedding_lr_scale=0.5"]
 
 
