@@ -190,8 +190,8 @@ def resume_worker(spec_path: str, fraction: float, spawned: float) -> None:
 
     from launcher.data.sampler import StepSampler
     from launcher.data.tokenizer import load_tokenizer
-    from launcher.spec import layout
-    from launcher.spec.load import load_spec
+    from launcher.jobspec import layout
+    from launcher.jobspec.load import load_spec
     from launcher.tasks import build_task
 
     imported, start = time.time(), time.perf_counter()

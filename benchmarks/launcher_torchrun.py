@@ -17,7 +17,7 @@ import torch
 
 from launcher.contract import StageLaunch
 from launcher.coordinator.driver import resolve
-from launcher.spec.load import load_spec
+from launcher.jobspec.load import load_spec
 from launcher.worker.context import RankContext
 from launcher.worker.entry import run_stage
 

@@ -18,10 +18,10 @@ import deepspeed
 import torch
 
 from launcher.data.tokenizer import load_tokenizer
-from launcher.spec import layout
-from launcher.spec.deepspeed_config import build_deepspeed_config
-from launcher.spec.load import load_spec
-from launcher.spec.plan import plan_stage
+from launcher.jobspec import layout
+from launcher.jobspec.deepspeed_config import build_deepspeed_config
+from launcher.jobspec.load import load_spec
+from launcher.jobspec.plan import plan_stage
 from launcher.tasks import build_task
 
 

@@ -67,16 +67,17 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.coordinator.signals import Interrupted
 
     try:
-        from launcher.spec.load import load_spec
+        from launcher.jobspec.load import load_spec
 
         spec = load_spec(args.spec, args.overrides)
         if args.command == "slurm":
             return _slurm(spec, args)
         local = args.local or spec.cluster.num_workers == 0
         if args.command == "validate":
-            from launcher.spec.plan import plan_job, render_plan
+            from launcher.jobspec.plan import plan_job, render_plan
+            from launcher.models.count import param_counts
 
-            print(render_plan(spec, plan_job(spec, local), local))
+            print(render_plan(spec, plan_job(spec, local, param_counts=param_counts(spec)), local))
             return 0
         if args.command == "prepare":
             from launcher.coordinator.driver import claim_job_dir, resolve
@@ -112,12 +113,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _slurm(spec, args: argparse.Namespace) -> int:  # noqa: ANN001
     from launcher.coordinator.slurm import render_sbatch, submit, workers_for
-    from launcher.spec.load import load_spec
-    from launcher.spec.plan import plan_job
+    from launcher.jobspec.load import load_spec
+    from launcher.jobspec.plan import plan_job
 
     # Check the batch arithmetic for the worker count the allocation will give, before submitting.
     at_scale = load_spec(args.spec, [*args.overrides, f"cluster.num_workers={workers_for(spec)}"])
-    plan_job(at_scale, local=False, estimate=False)
+    plan_job(at_scale, local=False)
     script = render_sbatch(spec, args.spec, args.overrides)
     print(submit(spec, script) if args.submit else script, end="" if not args.submit else "\n")
     return 0

@@ -13,14 +13,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from launcher.spec import layout
-from launcher.spec.models import JobSpec, StageSpec
-from launcher.spec.plan import StagePlan
+from launcher.jobspec import layout
+from launcher.jobspec.models import JobSpec, StageSpec
+from launcher.jobspec.plan import StagePlan
 
 
 @dataclass(frozen=True)
 class StagePaths:
-    """Every path a stage's ranks read or write, resolved on the driver (see `launcher.spec.layout`)."""
+    """Every path a stage's ranks read or write, resolved on the driver (see `launcher.jobspec.layout`)."""
 
     stage_dir: Path  # metrics, TensorBoard, the stop file
     data_dir: Path  # prepared token stores

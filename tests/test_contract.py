@@ -12,8 +12,8 @@ import pytest
 
 from launcher.contract import StageLaunch, StageResult
 from launcher.errors import UserError
-from launcher.spec.load import load_spec
-from launcher.spec.plan import plan_job
+from launcher.jobspec.load import load_spec
+from launcher.jobspec.plan import plan_job
 from tests.conftest import ROOT, TINY
 
 
@@ -30,7 +30,7 @@ def _result(**changes: object) -> StageResult:
 
 def test_launch_resolves_what_a_stage_reads_once_on_the_driver(tmp_path: Path) -> None:
     spec = load_spec(TINY, [f"output_dir={tmp_path}"])
-    plans = plan_job(spec, local=True, sample_counts={"pretrain": 400, "finetune": 200}, estimate=False)
+    plans = plan_job(spec, local=True, sample_counts={"pretrain": 400, "finetune": 200})
     launch = StageLaunch.of(spec, 1, plans[1])
     paths = launch.paths
     assert launch.stage.name == "finetune" and launch.plan is plans[1]
@@ -49,7 +49,7 @@ def test_ranks_take_the_launch_as_validated_without_checking_the_files_again(tmp
     model = tmp_path / "model"
     shutil.copytree(ROOT / "data" / "models" / "all-minilm-l6-v2", model)
     spec = load_spec(TINY, [f"output_dir={tmp_path}", f"stages.1.init_from={model}"])
-    plans = plan_job(spec, local=True, sample_counts={"pretrain": 400, "finetune": 200}, estimate=False)
+    plans = plan_job(spec, local=True, sample_counts={"pretrain": 400, "finetune": 200})
     shutil.rmtree(model)
     with pytest.raises(UserError, match=r"stages\.1\.init_from"):
         load_spec(TINY, [f"output_dir={tmp_path}", f"stages.1.init_from={model}"])  # what a rank used to do
@@ -66,7 +66,7 @@ def test_result_is_summary_json_and_back(tmp_path: Path, capsys: pytest.CaptureF
     assert StageResult.from_json(json.loads(json.dumps(result.to_json()))) == result
     assert result.to_json()["eval"] == {"loss": 0.7, "accuracy": 0.5} and result.to_json()["stopped"] is False
     spec = load_spec(TINY, [f"output_dir={tmp_path}"])
-    plan = plan_job(spec, local=True, sample_counts={"pretrain": 400, "finetune": 200}, estimate=False)[1]
+    plan = plan_job(spec, local=True, sample_counts={"pretrain": 400, "finetune": 200})[1]
     summary = tmp_path / "tiny" / "finetune" / "summary.json"
     summary.parent.mkdir(parents=True)
     summary.write_text(json.dumps(result.to_json()))

@@ -25,8 +25,8 @@ from launcher.data.shard_task import PIECE_CHARS, _pieces, in_eval
 from launcher.data.store import BlockDataset, MixtureDataset, TokenStore, token_dtype
 from launcher.data.tokenizer import load_tokenizer, train_tokenizer
 from launcher.errors import UserError
-from launcher.spec import layout
-from launcher.spec.load import load_spec
+from launcher.jobspec import layout
+from launcher.jobspec.load import load_spec
 from tests.conftest import ROOT, TINY, run_cli
 
 

@@ -17,9 +17,9 @@ from tests.conftest import ROOT
 CHECK = r"""
 import contextlib, json, sys
 import deepspeed, torch, transformers
-from launcher.spec.load import load_spec
-from launcher.spec.plan import StagePlan
-from launcher.spec.deepspeed_config import build_deepspeed_config
+from launcher.jobspec.load import load_spec
+from launcher.jobspec.plan import StagePlan
+from launcher.jobspec.deepspeed_config import build_deepspeed_config
 from launcher.worker.context import local_context
 from launcher.worker.engine import build_engine, param_groups
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from launcher.spec.load import load_spec
-from launcher.spec.plan import plan_job
+from launcher.jobspec.load import load_spec
+from launcher.jobspec.plan import plan_job
+from launcher.models.count import param_counts
 from tests.conftest import ROOT, run_cli
 
 JOB_FILES = sorted((ROOT / "jobs").rglob("*.yaml"))
@@ -25,7 +26,7 @@ def test_job_validates(path: Path) -> None:
     assert path.relative_to(ROOT).as_posix() in first
     spec = load_spec(path)
     for local in (True, False):
-        for stage, plan in zip(spec.stages, plan_job(spec, local=local), strict=True):
+        for stage, plan in zip(spec.stages, plan_job(spec, local=local, param_counts=param_counts(spec)), strict=True):
             assert plan.micro_batch_size == stage.batch.micro_batch_size
             if stage.batch.global_batch_size is not None:  # the same batch in one process as on the cluster
                 assert plan.global_batch_size == stage.batch.global_batch_size, (stage.name, local)

@@ -50,7 +50,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """The tiny job's classification stage alone (from random init), its data prepared, and a rank context."""
     from launcher.contract import StageLaunch
     from launcher.coordinator.driver import resolve
-    from launcher.spec.load import parse_spec
+    from launcher.jobspec.load import parse_spec
     from launcher.worker.context import local_context
 
     data = yaml.safe_load(TINY.read_text())
@@ -71,7 +71,7 @@ def build(launch: Any, ctx: Any, checkpoints: Path, **stage_changes: Any) -> Any
     """A fresh Loop (model seeded the same way every time) over the launch's prepared data."""
     from launcher.checkpoints import run_meta
     from launcher.data.tokenizer import load_tokenizer
-    from launcher.spec.deepspeed_config import build_deepspeed_config
+    from launcher.jobspec.deepspeed_config import build_deepspeed_config
     from launcher.tasks import build_task
     from launcher.worker.engine import build_engine
     from launcher.worker.loop import Loop

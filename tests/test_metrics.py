@@ -58,7 +58,7 @@ def _demo_summaries(accuracy: dict[str, float], majority: float = 0.579) -> list
 
 
 def _demo_spec(minilm: bool = True):
-    from launcher.spec.load import load_spec
+    from launcher.jobspec.load import load_spec
     from tests.conftest import ROOT
 
     spec = load_spec(ROOT / "jobs" / "demo.yaml", [])

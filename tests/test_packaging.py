@@ -38,3 +38,13 @@ def test_image_pins_match_pyproject() -> None:
     assert args == {"TORCH": pins["torch"], "DEEPSPEED": pins["deepspeed"], "RAY": pins["ray"]}
     constraints = (ROOT / "requirements" / "constraints.txt").read_text()
     assert f"torch=={pins['torch']}" in constraints
+
+
+def test_jobspec_imports_neither_torch_ray_nor_deepspeed() -> None:
+    """The job spec layer (load, plan, DeepSpeed config, layout) stays importable without the heavy stack."""
+    modules = [f"launcher.jobspec.{p.stem}" for p in sorted((ROOT / "launcher" / "jobspec").glob("*.py"))]
+    heavy = ("torch", "transformers", "ray", "deepspeed")
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint(sorted(m for m in {heavy!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"launcher.jobspec imported {result.stdout.strip()}"

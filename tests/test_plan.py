@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 
 from launcher.errors import UserError
-from launcher.spec.deepspeed_config import build_deepspeed_config
-from launcher.spec.load import load_spec
-from launcher.spec.plan import count_params, model_states_bytes, plan_stage
+from launcher.jobspec.deepspeed_config import build_deepspeed_config
+from launcher.jobspec.load import load_spec
+from launcher.jobspec.plan import model_states_bytes, plan_stage
+from launcher.models.count import count_params
 from tests.conftest import ROOT, TINY
 
 

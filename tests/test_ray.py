@@ -170,8 +170,9 @@ def test_ranks_see_disjoint_shards_whose_union_is_the_epoch(zero_runs, zero: int
 def test_optimizer_state_per_rank_halves_from_zero_stage_1(zero_runs) -> None:
     """Measured tensors: Adam's moments are 8 bytes x parameters per rank at stage 0 and half that from
     stage 1 on (the ZeRO paper's partitioned optimizer state); `launcher validate`'s estimate matches."""
-    from launcher.spec.load import load_spec
-    from launcher.spec.plan import plan_stage
+    from launcher.jobspec.load import load_spec
+    from launcher.jobspec.plan import plan_stage
+    from launcher.models.count import count_params
 
     for zero, out in zero_runs.items():
         summary = json.loads((out / "tiny" / "pretrain" / "summary.json").read_text())
@@ -179,7 +180,8 @@ def test_optimizer_state_per_rank_halves_from_zero_stage_1(zero_runs) -> None:
         share = summary["optimizer_state_bytes"] / full
         assert (share == 1.0) if zero == 0 else (0.49 < share < 0.52), (zero, share)
         args = [*(FAULT if zero == 1 else TINY)[1:], f"deepspeed.zero_stage={zero}"]
-        estimate = plan_stage(load_spec(ROOT / "jobs/debug/tiny.yaml", args), 0, local=False)
+        spec = load_spec(ROOT / "jobs/debug/tiny.yaml", args)
+        estimate = plan_stage(spec, 0, local=False, num_params=count_params(spec, spec.stages[0]))
         assert estimate.num_params == summary["num_params"]
         measured = summary["optimizer_state_bytes"] + summary["fp32_master_bytes"]
         expected = estimate.optimizer_states_bytes_per_worker

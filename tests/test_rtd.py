@@ -10,7 +10,7 @@ import torch
 import transformers
 from safetensors import safe_open
 
-from launcher.spec.models import StageSpec
+from launcher.jobspec.models import StageSpec
 from launcher.tasks import build_task
 from launcher.tasks.rtd import sample_tokens
 from tests.conftest import assert_ok, read_jsonl, run_cli
@@ -68,7 +68,7 @@ def test_pair_shares_embeddings_and_scores_every_real_token() -> None:
     assert disc.discriminator_predictions.dense.weight.grad.abs().sum() > 0
     assert disc.electra.embeddings.word_embeddings.weight.grad.abs().sum() > 0
     count = sum(p.numel() for p in pair.parameters())
-    from launcher.tasks import count_parameters
+    from launcher.models.count import count_parameters
 
     assert count_parameters(stage, stage.model, None, 50) == count, "the plan counts both networks, shared ones once"
 

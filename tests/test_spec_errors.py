@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main
-from launcher.spec.load import load_spec
+from launcher.jobspec.load import load_spec
 from tests.conftest import TINY, run_cli
 
 # (overrides applied to the tiny job, text that the error must contain)

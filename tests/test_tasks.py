@@ -49,7 +49,7 @@ def test_dynamic_padding_pads_to_the_longest_in_batch() -> None:
 def test_document_mask_keeps_attention_inside_each_packed_document(tmp_path) -> None:
     """A block holding two documents gives each the logits it has alone; the second's first token is no target."""
     from launcher.data.tokenizer import train_tokenizer
-    from launcher.spec.load import load_spec
+    from launcher.jobspec.load import load_spec
     from launcher.tasks import build_task
     from tests.conftest import ROOT, assert_ok, run_cli
 

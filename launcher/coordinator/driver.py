@@ -24,10 +24,10 @@ from launcher.coordinator.signals import Interrupted, StopOnSignal
 from launcher.coordinator.start_check import check_start
 from launcher.data.prepare import JobRunner, PreparedStage, prepare_job, run_jobs_locally
 from launcher.errors import UserError
+from launcher.jobspec import layout
+from launcher.jobspec.models import JobSpec
+from launcher.jobspec.plan import StagePlan, plan_job
 from launcher.metrics.ladder import render_ladder
-from launcher.spec import layout
-from launcher.spec.models import JobSpec
-from launcher.spec.plan import StagePlan, plan_job
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; the same command resumes
 StageRunner = Callable[[StageLaunch], StageResult]  # runs one stage's ranks: in this process, or on Ray
@@ -66,7 +66,7 @@ def resolve(
     """
     prepared = prepare_job(spec, log=log, only=only, run_jobs=run_jobs)
     counts = {name: info.num_train_samples for name, info in prepared.items()}
-    return prepared, plan_job(spec, local, counts, estimate=False)  # workers count their model's parameters
+    return prepared, plan_job(spec, local, counts)  # workers count their model's parameters
 
 
 def completed_result(spec: JobSpec, plan: StagePlan) -> StageResult | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gc
 
 from launcher.contract import StageLaunch, StageResult
-from launcher.spec.models import JobSpec
+from launcher.jobspec.models import JobSpec
 
 
 def run_stage_local(launch: StageLaunch) -> StageResult:

@@ -26,7 +26,7 @@ from typing import Any
 from launcher.contract import StageLaunch, StageResult
 from launcher.errors import RunError, UserError
 from launcher.hooks import LOOP_ENV
-from launcher.spec.models import JobSpec
+from launcher.jobspec.models import JobSpec
 
 # Variables the workers need from the driver's environment (never secrets).
 _FORWARDED_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM", "TORCH_EXTENSIONS_DIR", *LOOP_ENV)

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.spec import layout
-from launcher.spec.models import JobSpec
+from launcher.jobspec import layout
+from launcher.jobspec.models import JobSpec
 
 
 def launcher_home() -> Path:

@@ -15,8 +15,8 @@ from typing import Any
 
 from launcher import atomic
 from launcher.errors import UserError
-from launcher.spec import layout
-from launcher.spec.models import JobSpec
+from launcher.jobspec import layout
+from launcher.jobspec.models import JobSpec
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 

@@ -42,8 +42,8 @@ from launcher.data.shard_task import (
 from launcher.data.store import META_FILE, BlockDataset, ShardInfo, TokenStore, block_prefix, token_dtype
 from launcher.data.tokenizer import load_tokenizer, separator_id, train_tokenizer
 from launcher.errors import UserError
-from launcher.spec import layout
-from launcher.spec.models import JobSpec, StageSpec
+from launcher.jobspec import layout
+from launcher.jobspec.models import JobSpec, StageSpec
 
 META_VERSION = 3  # 3: sharded streams in the smallest dtype, documents split by a hash of their text
 MIN_CHUNK_BYTES = 4 << 20

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from launcher.spec.plan import steps_per_epoch
+from launcher.jobspec.plan import steps_per_epoch
 
 _ROUNDS = 6
 GROUP_BATCHES = 50  # global batches sorted together by length (HF's LengthGroupedSampler: 50 batches)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.contract import StageResult
-from launcher.spec.models import JobSpec, StageSpec
+from launcher.jobspec.models import JobSpec, StageSpec
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from launcher.data.store import BlockDataset, DocumentDataset, MixtureDataset, TokenStore, block_prefix
+from launcher.jobspec.models import ModelSpec, StageSpec
 from launcher.metrics import flops_per_token
-from launcher.spec.models import ModelSpec, StageSpec
 
 
 @dataclass
@@ -376,36 +376,6 @@ TASKS: dict[str, type[Task]] = {
     "rtd": ReplacedTokenDetection,
     "classification": Classification,
 }
-
-
-class _NoTokenizer:
-    """Special-token ids do not change a model's size."""
-
-    pad_token_id = bos_token_id = eos_token_id = None
-
-
-def count_parameters(stage: StageSpec, model: ModelSpec, model_dir: Path | None, vocab_size: int) -> int | None:
-    """Parameters of the model `stage` trains, counted on a copy built on the meta device (no memory).
-
-    The architecture is `model_dir`'s `config.json` (an export or a local pretrained model, whatever
-    its family) or else the spec's `model` with `vocab_size`; the head is the stage's task's. None
-    when the directory's config cannot be read.
-    """
-    import transformers
-
-    task = TASKS[stage.task](stage, _NoTokenizer())
-    if model_dir is not None:
-        try:
-            config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-        except (OSError, ValueError):
-            return None
-        if task.num_labels() is not None:
-            config.num_labels = task.num_labels()
-    else:
-        config = task.config(model, vocab_size)
-    with torch.device("meta"):
-        built = task.from_config(config)
-    return sum(p.numel() for p in built.parameters())
 
 
 def build_task(stage: StageSpec, tokenizer: Any) -> Task:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from launcher.data.store import TokenStore
-from launcher.spec.models import StageSpec
+from launcher.jobspec.models import StageSpec
 
 WINDOW = 5  # tokens on each side that count as co-occurring
 MAX_TOKENS = 100_000_000  # the statistics read at most this many training tokens (the first ones)

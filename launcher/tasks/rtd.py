@@ -27,7 +27,7 @@ import torch
 import transformers
 from transformers.utils import ModelOutput
 
-from launcher.spec.models import ModelSpec
+from launcher.jobspec.models import ModelSpec
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from launcher.spec.models import OptimSpec, StageSpec
+from launcher.jobspec.models import OptimSpec, StageSpec
 
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 

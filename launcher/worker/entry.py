@@ -21,9 +21,9 @@ from launcher.contract import StageLaunch, StageResult
 from launcher.data.tokenizer import load_tokenizer
 from launcher.errors import UserError
 from launcher.hooks import loop_hooks
+from launcher.jobspec.deepspeed_config import build_deepspeed_config
+from launcher.jobspec.layout import STOP_FILE
 from launcher.metrics import MetricsWriter, NullWriter, json_safe, peak_flops
-from launcher.spec.deepspeed_config import build_deepspeed_config
-from launcher.spec.layout import STOP_FILE
 from launcher.tasks import build_task
 from launcher.tasks.embedding_init import init_from_corpus
 from launcher.worker.checkpoint import export_model, load_checkpoint

@@ -22,9 +22,9 @@ import torch
 from launcher.data.sampler import StepSampler
 from launcher.errors import RunError
 from launcher.hooks import StepCallback, StopPolicy
+from launcher.jobspec.models import StageSpec
+from launcher.jobspec.plan import StagePlan
 from launcher.metrics import NullWriter
-from launcher.spec.models import StageSpec
-from launcher.spec.plan import StagePlan
 from launcher.tasks import EvalSums, Task
 from launcher.worker.checkpoint import save_checkpoint
 from launcher.worker.context import RankContext

@@ -1,7 +1,7 @@
 """The job spec: typed, documented, strict (unknown keys are errors).
 
 Each section is its own model, and each builder later receives only its own section. Values that
-derive from others (global batch, total steps, accumulation) are computed in `launcher.spec.plan`,
+derive from others (global batch, total steps, accumulation) are computed in `launcher.jobspec.plan`,
 never stored twice.
 """
 

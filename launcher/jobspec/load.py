@@ -13,7 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from launcher.errors import UserError
-from launcher.spec.models import JobSpec
+from launcher.jobspec.models import JobSpec
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.spec.models import JobSpec, StageSpec
+from launcher.jobspec.models import JobSpec, StageSpec
 
 
 def job_dir(spec: JobSpec) -> Path:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.spec.models import JobSpec, ModelSpec, StageSpec
+from launcher.jobspec.models import JobSpec, ModelSpec, StageSpec
 
 # Bytes per parameter of model states (ZeRO paper, section 3): weights, gradients, Adam state.
 # fp32: 4 + 4 + 8 (exp_avg, exp_avg_sq). Mixed precision: 2 + 2 + 12 (fp32 master + two moments).
@@ -102,40 +102,30 @@ def model_states_bytes(num_params: int, precision: str, zero_stage: int, world: 
     return {"weights": int(weights), "gradients": int(grads), "optimizer": int(optim)}
 
 
-def _vocab_size(spec: JobSpec, stage: StageSpec) -> int:
+def vocab_size(spec: JobSpec, stage: StageSpec) -> int:
+    """The vocabulary size a stage's model is built with: its tokenizer's, or the stage it inherits one from."""
     earlier = spec.referenced_stage(stage.tokenizer.source or stage.init_from)
-    return stage.tokenizer.vocab_size if earlier is None else _vocab_size(spec, earlier)
+    return stage.tokenizer.vocab_size if earlier is None else vocab_size(spec, earlier)
 
 
-def _architecture(spec: JobSpec, stage: StageSpec) -> tuple[ModelSpec, Path | None]:
+def architecture(spec: JobSpec, stage: StageSpec) -> tuple[ModelSpec, Path | None]:
     """The model a stage starts from: an earlier stage's (inherited), a local directory's, or its own spec."""
     earlier = spec.referenced_stage(stage.init_from)
     if earlier is not None:
-        return _architecture(spec, earlier)
+        return architecture(spec, earlier)
     if stage.init_from is not None:
         return stage.model, Path(stage.init_from)
     return stage.model, None if stage.model.path is None else Path(stage.model.path)
 
 
-def count_params(spec: JobSpec, stage: StageSpec) -> int | None:
-    """Parameters of the stage's model, from the model itself built on the meta device (imports torch)."""
-    from launcher.tasks import count_parameters
-
-    model, directory = _architecture(spec, stage)
-    if directory is not None and not (directory / "config.json").is_file():
-        return None  # not an HF model folder: nothing to count (the run itself reports it)
-    return count_parameters(stage, model, directory, _vocab_size(spec, stage))
-
-
 def plan_stage(
-    spec: JobSpec, index: int, local: bool, num_train_samples: int | None = None, estimate: bool = True
+    spec: JobSpec, index: int, local: bool, num_train_samples: int | None = None, num_params: int | None = None
 ) -> StagePlan:
-    """The stage's numbers; `estimate=False` leaves out the parameter count and memory estimate (they
-    import transformers and build the model on the meta device: printed by `validate`, not needed to run)."""
+    """The stage's numbers. `num_params` (counted on the meta device by `launcher.models.count`, which
+    imports torch: printed by `validate`, not needed to run) adds the memory estimate."""
     stage = spec.stages[index]
     world = world_size(spec, local)
     micro, accum, global_batch = batch_sizes(stage, world, index)
-    num_params = count_params(spec, stage) if estimate else None
     states = None
     if num_params is not None:
         states = model_states_bytes(num_params, stage.precision, spec.deepspeed.zero_stage, world)
@@ -158,10 +148,16 @@ def plan_stage(
 
 
 def plan_job(
-    spec: JobSpec, local: bool, sample_counts: dict[str, int] | None = None, estimate: bool = True
+    spec: JobSpec,
+    local: bool,
+    sample_counts: dict[str, int] | None = None,
+    param_counts: dict[str, int | None] | None = None,
 ) -> list[StagePlan]:
-    counts = sample_counts or {}
-    return [plan_stage(spec, i, local, counts.get(stage.name), estimate) for i, stage in enumerate(spec.stages)]
+    samples, params = sample_counts or {}, param_counts or {}
+    return [
+        plan_stage(spec, i, local, samples.get(stage.name), params.get(stage.name))
+        for i, stage in enumerate(spec.stages)
+    ]
 
 
 def render_plan(spec: JobSpec, plans: list[StagePlan], local: bool) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.spec.models import DeepSpeedSpec, StageSpec
-from launcher.spec.plan import StagePlan
+from launcher.jobspec.models import DeepSpeedSpec, StageSpec
+from launcher.jobspec.plan import StagePlan
 
 
 def build_deepspeed_config(ds: DeepSpeedSpec, stage: StageSpec, plan: StagePlan) -> dict[str, Any]:
