@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher import checkpoints as rules
+from launcher import checkpoint_manifest as rules
 from launcher.hooks import HANG_AT_STEP_ENV, STOP_AFTER_STEP_ENV
 from tests.conftest import ROOT, assert_ok, run_cli
 
@@ -44,7 +44,7 @@ def test_only_committed_checkpoints_that_verify_are_used(tmp_path: Path, capsys)
     _committed(tmp_path, 2)
     four = _committed(tmp_path, 4)
     assert rules.latest_checkpoint(tmp_path) == four and rules.verify(four) is None
-    assert set(rules.read_meta(four)["files"]) == {"model.pt", "zero/shard.pt"}
+    assert set(rules.read_manifest(four)["files"]) == {"model.pt", "zero/shard.pt"}
     _folder(tmp_path, 6, b"an interrupted save: no manifest")
     assert rules.latest_checkpoint(tmp_path) == four
     data = bytearray((four / "zero" / "shard.pt").read_bytes())
@@ -64,7 +64,7 @@ def test_only_committed_checkpoints_count_toward_keep(tmp_path: Path) -> None:
     _folder(tmp_path, 5, b"left by a crash")
     _committed(tmp_path, 6)
     _folder(tmp_path, 8, b"being written right now")
-    (tmp_path / rules.tag_for(6) / rules.META_FILE).write_text("")  # torn manifest: not committed
+    (tmp_path / rules.tag_for(6) / rules.MANIFEST_FILE).write_text("")  # torn manifest: not committed
     rules.prune(tmp_path, keep=1)  # 4 is the newest committed; newer folders may still be being written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000005", "step_00000006",
                                                          "step_00000008"]  # fmt: skip
@@ -104,7 +104,7 @@ def test_a_flipped_byte_in_a_shard_is_refused_and_the_older_checkpoint_used(tmp_
 
 KILL_IN_COMMIT = """
 import sys, time
-import launcher.checkpoints as rules
+import launcher.checkpoint_manifest as rules
 commit = rules.commit
 def slow_commit(folder, step, *args):
     if step == 6:
@@ -135,7 +135,7 @@ def test_kill_9_during_a_save_resumes_from_the_previous_committed_checkpoint(tmp
         proc.wait()
     checkpoints = tmp_path / "tiny" / "pretrain" / "checkpoints"
     assert (checkpoints / "step_00000006" / "mp_rank_00_model_states.pt").is_file(), "killed inside the save"
-    assert rules.read_meta(checkpoints / "step_00000006") is None
+    assert rules.read_manifest(checkpoints / "step_00000006") is None
     (tmp_path / "tiny" / "pretrain" / "STOP").touch()  # as a run killed after a SIGTERM leaves it: stale
     result = run_cli("run", TINY, *PRETRAIN, f"output_dir={tmp_path}")
     assert_ok(result)
@@ -293,7 +293,7 @@ def test_skip_nonfinite_skips_the_update_and_stops_after_ten_in_a_row(tmp_path: 
     assert "warning: step 3: loss nan, update skipped (optim.skip_nonfinite)" in result.stdout, result.stdout[-3000:]
     assert "stage pretrain: 11 steps in a row up to step 13 had a loss that is not finite" in result.stderr
     latest = rules.latest_checkpoint(tmp_path / "tiny" / "pretrain" / "checkpoints")
-    assert latest is not None and rules.read_meta(latest)["step"] == 12, "saved during the streak"
+    assert latest is not None and rules.read_manifest(latest)["step"] == 12, "saved during the streak"
     states = torch.load(latest / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     assert all(torch.isfinite(t).all() for t in states.values() if t.is_floating_point()), "no NaN was applied"
 
@@ -346,7 +346,7 @@ def test_a_signal_checkpoints_and_stops_and_the_rerun_resumes(tmp_path: Path, si
     checkpoints = tmp_path / "tiny" / "pretrain" / "checkpoints"
     latest = rules.latest_checkpoint(checkpoints)
     assert latest is not None, "checkpointed before stopping"
-    stopped_at = rules.read_meta(latest)["step"]
+    stopped_at = rules.read_manifest(latest)["step"]
     assert 3 <= stopped_at < 40
     assert not (tmp_path / "tiny" / "pretrain" / "STOP").exists()
     resumed = run_cli("run", TINY, *PRETRAIN, *SLOW, f"output_dir={tmp_path}")

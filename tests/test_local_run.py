@@ -133,7 +133,7 @@ def test_torn_status_files_count_as_absent(tiny_run: Path, tmp_path: Path) -> No
     is used)."""
     import shutil
 
-    from launcher.checkpoints import latest_checkpoint
+    from launcher.checkpoint_manifest import latest_checkpoint
 
     shutil.copytree(tiny_run.parent, tmp_path / "out")
     job = tmp_path / "out" / "tiny"

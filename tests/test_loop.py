@@ -69,7 +69,7 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def build(launch: Any, ctx: Any, checkpoints: Path, **stage_changes: Any) -> Any:
     """A fresh Loop (model seeded the same way every time) over the launch's prepared data."""
-    from launcher.checkpoints import run_meta
+    from launcher.checkpoint_manifest import run_meta
     from launcher.data.tokenizer import load_tokenizer
     from launcher.jobspec.deepspeed_config import build_deepspeed_config
     from launcher.tasks import build_task
@@ -124,7 +124,7 @@ def test_accumulation_takes_the_same_steps_as_one_big_micro_batch(prepared: Any,
 def test_cadence_of_logs_evals_and_checkpoints(prepared: Any, tmp_path: Path) -> None:
     """log_every 2 (and step 1), eval_every 3 (and the last step), checkpoint_every 4 (and the last step);
     keep_checkpoints 1 leaves the newest committed one."""
-    from launcher.checkpoints import latest_checkpoint, read_meta
+    from launcher.checkpoint_manifest import latest_checkpoint, read_manifest
     from launcher.worker.loop import TrainState
 
     launch, ctx = prepared
@@ -140,14 +140,14 @@ def test_cadence_of_logs_evals_and_checkpoints(prepared: Any, tmp_path: Path) ->
     assert state.eval == {k.removeprefix("eval/"): v for k, v in logged[6].items() if k.startswith("eval/")}
     assert saved_at == [4, 6], f"checkpoints saved after steps {saved_at}"
     latest = latest_checkpoint(tmp_path / "ckpt")
-    assert latest is not None and read_meta(latest)["step"] == 6
+    assert latest is not None and read_manifest(latest)["step"] == 6
     assert list((tmp_path / "ckpt").iterdir()) == [latest], "keep_checkpoints=1"
 
 
 def test_stop_policy_stops_after_a_checkpoint_and_callbacks_see_every_step(prepared: Any, tmp_path: Path) -> None:
     """A stop file appearing during step 2 stops the run after step 2's checkpoint and is removed (the re-run
     goes on); the sample trace callback saw steps 0 and 1, each with its global batch of 8 samples."""
-    from launcher.checkpoints import latest_checkpoint, read_meta
+    from launcher.checkpoint_manifest import latest_checkpoint, read_manifest
     from launcher.worker.loop import TrainState
 
     launch, ctx = prepared
@@ -159,7 +159,7 @@ def test_stop_policy_stops_after_a_checkpoint_and_callbacks_see_every_step(prepa
     assert stopped and state.step == 2
     assert not stop_file.exists(), "an honoured stop file is removed"
     latest = latest_checkpoint(tmp_path / "ckpt")
-    assert latest is not None and read_meta(latest)["step"] == 2, "stopped without its checkpoint"
+    assert latest is not None and read_manifest(latest)["step"] == 2, "stopped without its checkpoint"
     trace = read_jsonl(tmp_path / "trace" / "t_rank0.jsonl")
     assert [r["step"] for r in trace] == [0, 1] and all(len(r["samples"]) == 8 for r in trace)
     assert StopPolicy(after_step=5).requested(5) and not StopPolicy(after_step=5).requested(4)
@@ -171,8 +171,8 @@ def test_stop_policy_stops_after_a_checkpoint_and_callbacks_see_every_step(prepa
 def test_resume_from_the_stop_checkpoint_continues_the_same_trajectory(prepared: Any, tmp_path: Path) -> None:
     """Stopped after step 3 and resumed into a fresh engine from that checkpoint's train state, the run logs
     the same losses for steps 4-6 and ends at the same weights as the run that never stopped."""
-    from launcher.checkpoints import latest_checkpoint, read_meta
-    from launcher.worker.checkpoint import load_checkpoint
+    from launcher.checkpoint_manifest import latest_checkpoint, read_manifest
+    from launcher.worker.deepspeed_io import load_checkpoint
     from launcher.worker.loop import TrainState
 
     launch, ctx = prepared
@@ -184,7 +184,7 @@ def test_resume_from_the_stop_checkpoint_continues_the_same_trajectory(prepared:
     assert stopped and state.step == 3
     second = build(launch, ctx, tmp_path / "resumed", log_every=1)
     restore = latest_checkpoint(tmp_path / "resumed")
-    assert restore is not None and read_meta(restore)["step"] == 3
+    assert restore is not None and read_manifest(restore)["step"] == 3
     state = TrainState(**load_checkpoint(second.engine, restore)["train_state"])
     assert state.step == 3 and 0 < state.tokens < end.tokens
     state, stopped = second.run(state)

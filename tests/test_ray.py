@@ -142,10 +142,10 @@ def test_zero_stage_trains_and_exports_the_consolidated_weights(zero_runs, zero:
     snapshot = (pretrain / "checkpoints" / "checkpoint_manager_snapshot.json").read_text()
     assert f"step_{summary['steps']:08d}" in snapshot, "the final checkpoint went through ray.train.report"
     # Committed after both ranks' uploads: the manifest lists every rank's shard, and they verify.
-    from launcher.checkpoints import read_meta, verify
+    from launcher.checkpoint_manifest import read_manifest, verify
 
     final = pretrain / "checkpoints" / f"step_{summary['steps']:08d}"
-    manifest = read_meta(final)
+    manifest = read_manifest(final)
     assert manifest is not None and verify(final) is None
     for rank in (0, 1) if zero else ():
         assert any(name.startswith(f"zero_pp_rank_{rank}_") for name in manifest["files"]), manifest["files"]
@@ -386,7 +386,7 @@ def test_private_ray_listens_on_loopback_and_sigterm_checkpoints_and_leaves_noth
     resumes from that checkpoint."""
     import psutil
 
-    from launcher import checkpoints as rules
+    from launcher import checkpoint_manifest as rules
 
     temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: Ray's socket paths go below it
     shm_before = set(os.listdir("/dev/shm"))
@@ -432,8 +432,8 @@ def test_private_ray_listens_on_loopback_and_sigterm_checkpoints_and_leaves_noth
         shutil.rmtree(temp, ignore_errors=True)
     latest = rules.latest_checkpoint(tmp_path / "tiny" / "pretrain" / "checkpoints")
     assert latest is not None
-    stopped_at = rules.read_meta(latest)["step"]
-    assert 3 <= stopped_at < 60 and rules.read_meta(latest)["world_size"] == 2
+    stopped_at = rules.read_manifest(latest)["step"]
+    assert 3 <= stopped_at < 60 and rules.read_manifest(latest)["world_size"] == 2
     temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))
     try:
         resumed = run_cli("run", *args, env={"RAY_ADDRESS": "", "TMPDIR": str(temp)})

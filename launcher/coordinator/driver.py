@@ -11,11 +11,11 @@ import tempfile
 from collections.abc import Callable
 
 from launcher import atomic
-from launcher.checkpoints import (
+from launcher.checkpoint_manifest import (
     convert_to_universal,
     latest_checkpoint,
     needs_universal,
-    read_meta,
+    read_manifest,
     resume_problem,
     run_meta,
 )
@@ -90,7 +90,7 @@ def check_resumable(spec: JobSpec, index: int, plan: StagePlan) -> None:
     latest = latest_checkpoint(layout.checkpoints_dir(spec, plan.name))
     if latest is None:
         return
-    saved = read_meta(latest)
+    saved = read_manifest(latest)
     assert saved is not None, f"{latest} verified, so it has a manifest"
     now = run_meta(plan.world_size, plan.global_batch_size, plan.zero_stage, spec.stages[index].precision)
     problem = resume_problem(saved, now)

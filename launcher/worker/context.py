@@ -37,7 +37,7 @@ class RankContext:
         that Ray registered but rank 0 never committed is not one. With several ranks, rank 0
         verifies and chooses (the process group exists: Ray Train or torchrun made it).
         """
-        from launcher.checkpoints import latest_checkpoint
+        from launcher.checkpoint_manifest import latest_checkpoint
 
         if self.world_size == 1 or not torch.distributed.is_initialized():
             return latest_checkpoint(checkpoints)

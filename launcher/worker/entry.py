@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from launcher import atomic
-from launcher.checkpoints import UNIVERSAL, needs_universal, read_meta, resume_problem, run_meta
+from launcher.checkpoint_manifest import UNIVERSAL, needs_universal, read_manifest, resume_problem, run_meta
 from launcher.contract import StageLaunch, StageResult
 from launcher.data.tokenizer import load_tokenizer
 from launcher.errors import UserError
@@ -26,8 +26,8 @@ from launcher.jobspec.layout import STOP_FILE
 from launcher.metrics import MetricsWriter, NullWriter, json_safe, peak_flops
 from launcher.tasks import build_task
 from launcher.tasks.embedding_init import init_from_corpus
-from launcher.worker.checkpoint import export_model, load_checkpoint
 from launcher.worker.context import RankContext
+from launcher.worker.deepspeed_io import export_model, load_checkpoint
 from launcher.worker.engine import build_engine
 from launcher.worker.loop import Loop, TrainState
 from launcher.worker.watchdog import StepWatchdog, watchdog_notes
@@ -61,7 +61,7 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
     meta = run_meta(ctx.world_size, plan.global_batch_size, plan.zero_stage, stage.precision)
     universal = False
     if restore is not None:
-        saved = read_meta(restore)
+        saved = read_manifest(restore)
         assert saved is not None, f"{restore} verified, so it has a manifest"
         problem = resume_problem(saved, meta)
         if problem is not None:  # the driver checks first; this guards checkpoints that appeared since

@@ -26,8 +26,8 @@ from launcher.jobspec.models import StageSpec
 from launcher.jobspec.plan import StagePlan
 from launcher.metrics import NullWriter
 from launcher.tasks import EvalSums, Task
-from launcher.worker.checkpoint import save_checkpoint
 from launcher.worker.context import RankContext
+from launcher.worker.deepspeed_io import save_checkpoint
 from launcher.worker.watchdog import StepWatchdog
 
 Batch = dict[str, torch.Tensor]

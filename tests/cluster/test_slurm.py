@@ -162,7 +162,7 @@ def test_after_a_plain_scancel_the_next_run_resumes_from_the_last_committed_chec
     checkpoint then (SLURM's behaviour; the README says so). What must hold: the checkpoints left are
     committed ones or ignored, and the next run (here `--local`, the same global batch) resumes from the
     newest committed one."""
-    from launcher.checkpoints import latest_checkpoint, read_meta, verify
+    from launcher.checkpoint_manifest import latest_checkpoint, read_manifest, verify
 
     out = tmp_path / "run"
     args = _tiny(out, "stages.0.max_steps=400", "stages.0.checkpoint_every=5", "stages.0.eval_every=1000")
@@ -175,7 +175,7 @@ def test_after_a_plain_scancel_the_next_run_resumes_from_the_last_committed_chec
     checkpoints = out / "tiny" / "pretrain" / "checkpoints"
     latest = latest_checkpoint(checkpoints)
     assert latest is not None
-    committed = read_meta(latest)["step"]
+    committed = read_manifest(latest)["step"]
     assert committed >= 10 and committed % 5 == 0 and verify(latest) is None
     local = [*args, "--local", "stages.0.batch.grad_accum_steps=2", "stages.0.max_steps=" + str(committed + 5)]
     resumed = subprocess.run([sys.executable, "-m", "launcher", "run", *local], cwd=ROOT, env=slurm,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from launcher.checkpoints import UNIVERSAL, commit, file_digests, prune, tag_for
+from launcher.checkpoint_manifest import UNIVERSAL, commit, file_digests, prune, tag_for
 from launcher.errors import RunError
 from launcher.worker.context import RankContext
 

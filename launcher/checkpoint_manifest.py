@@ -6,7 +6,7 @@ lists each file's size and sha256 with the step and the run's shape. A folder wi
 (a crash mid-save), or whose files do not match it (a flipped byte, a truncated shard), is skipped
 with a one-line warning, and the newest one that verifies is used instead. The digests are checked
 before DeepSpeed unpickles anything. The driver uses these rules without importing torch; the
-DeepSpeed save and load live in `launcher.worker.checkpoint`.
+DeepSpeed save and load live in `launcher.worker.deepspeed_io`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from launcher import atomic
 from launcher.errors import UserError
 
 TAG_PREFIX = "step_"
-META_FILE = "launcher.json"  # the manifest, written last by rank 0: its presence commits the folder
+MANIFEST_FILE = "launcher.json"  # the manifest, written last by rank 0: its presence commits the folder
 UNIVERSAL = "universal"  # subfolder of a checkpoint: its DeepSpeed universal copy (other worker counts)
 _CHUNK = 1 << 20
 
@@ -57,18 +57,18 @@ def commit(folder: Path, step: int, meta: dict[str, Any], files: dict[str, dict[
         path = folder / name
         size = path.stat().st_size if path.is_file() else None
         assert size == entry["size"], f"{path}: {size} bytes in storage, {entry['size']} written"
-    atomic.write_json(folder / META_FILE, {"step": step, **meta, "files": files})
+    atomic.write_json(folder / MANIFEST_FILE, {"step": step, **meta, "files": files})
 
 
-def read_meta(folder: Path) -> dict[str, Any] | None:
+def read_manifest(folder: Path) -> dict[str, Any] | None:
     """The manifest, or None when the folder is not committed (absent, torn or from an older format)."""
-    meta = atomic.read_json(folder / META_FILE)
+    meta = atomic.read_json(folder / MANIFEST_FILE)
     return meta if isinstance(meta, dict) and isinstance(meta.get("files"), dict) and "step" in meta else None
 
 
 def verify(folder: Path) -> str | None:
     """Why `folder` is not a checkpoint to load (None: committed, and every file matches its digest)."""
-    meta = read_meta(folder)
+    meta = read_manifest(folder)
     if meta is None:
         return "no manifest (an interrupted save)"
     files = meta["files"]
@@ -81,7 +81,7 @@ def verify(folder: Path) -> str | None:
         if stat.st_size != files[name]["size"]:  # cheap: before any hashing
             return f"{name} has {stat.st_size} bytes, the manifest says {files[name]['size']}"
         stats.append((name, stat.st_size, stat.st_mtime_ns))
-    key = (str(folder.resolve()), (folder / META_FILE).stat().st_mtime_ns, tuple(stats))
+    key = (str(folder.resolve()), (folder / MANIFEST_FILE).stat().st_mtime_ns, tuple(stats))
     if key not in _verified:
         _verified[key] = _check_files(folder, files)
     return _verified[key]
@@ -116,7 +116,7 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
 def prune(checkpoints: Path, keep: int) -> None:
     """Keep the newest `keep` committed checkpoints; remove older ones and uncommitted leftovers older
     than the newest committed one (a folder newer than it may still be being written)."""
-    committed = [f for f in _folders(checkpoints) if read_meta(f) is not None]
+    committed = [f for f in _folders(checkpoints) if read_manifest(f) is not None]
     if not committed:
         return
     for folder in _folders(checkpoints):
