@@ -11,8 +11,8 @@ import transformers
 from safetensors import safe_open
 
 from launcher.jobspec.models import StageSpec
+from launcher.models.electra_pair import sample_tokens
 from launcher.tasks import build_task
-from launcher.tasks.rtd import sample_tokens
 from tests.conftest import assert_ok, read_jsonl, run_cli
 
 

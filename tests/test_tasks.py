@@ -6,8 +6,8 @@ import numpy as np
 import torch
 import transformers
 
-from launcher.tasks import _pad
-from launcher.tasks.sparse_mlm import BertForMaskedLM
+from launcher.models.sparse_mlm import BertForMaskedLM
+from launcher.tasks.base import pad_batch as _pad
 
 
 def test_sparse_mlm_matches_stock_bert() -> None:

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
+from launcher.jobspec.presets import preset_fields, preset_vocab_size
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
 
 
@@ -96,8 +98,14 @@ class DeepSpeedSpec(Section):
 
 
 class ModelSpec(Section):
-    """The network: a `transformers` family built from these sizes, or a local HF-format directory."""
+    """The network: a `transformers` family built from a preset or these sizes, or a local HF-format directory."""
 
+    preset: str | None = Field(
+        default=None,
+        description="A published architecture whose sizes fill this section (fields set here win): "
+        "bert-base, bert-large, gpt2, gpt2-medium, smollm2-135m, smollm2-360m, tinyllama-1.1b. It also sets "
+        "tokenizer.vocab_size unless the stage does. Listed with their sources in launcher/jobspec/presets.py.",
+    )
     family: Literal["bert", "gpt2", "llama"] = Field(default="bert", description="Architecture family.")
     path: str | None = Field(
         default=None,
@@ -106,14 +114,60 @@ class ModelSpec(Section):
     hidden_size: PositiveInt = Field(default=128, description="Width of the residual stream.")
     num_layers: PositiveInt = Field(default=2, description="Transformer blocks.")
     num_heads: PositiveInt = Field(default=2, description="Attention heads per block.")
+    num_kv_heads: PositiveInt | None = Field(
+        default=None, description="llama: key/value heads (grouped-query attention); default num_heads."
+    )
     intermediate_size: PositiveInt | None = Field(default=None, description="MLP width; default 4 x hidden_size.")
     max_position_embeddings: PositiveInt = Field(default=512, description="Longest sequence the model accepts.")
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0, description="Dropout on hidden states and attention.")
+    tie_embeddings: bool | None = Field(
+        default=None,
+        description="Share the token embeddings with the output layer; default the family's (bert and gpt2 tie, "
+        "llama does not).",
+    )
+    rope_theta: float | None = Field(default=None, gt=0.0, description="llama: RoPE base; default transformers'.")
+    norm_eps: float | None = Field(
+        default=None, gt=0.0, description="Epsilon of the norm layers; default the family's."
+    )
+    activation_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each transformer block's activations in the backward pass instead of keeping them "
+        "(non-reentrant torch checkpointing): activation memory drops to about one block's, for one more forward "
+        "pass per step. Same losses.",
+    )
+    attention: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa",
+        description="Attention kernel: sdpa (torch's scaled_dot_product_attention), eager (plain matmuls), or "
+        "flash_attention_2 (needs the flash-attn package and a CUDA GPU).",
+    )
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the model before training (needs a C compiler on CPU; the first steps "
+        "compile, later ones run the compiled code).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: object) -> object:
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        try:
+            fields = preset_fields(str(data["preset"]))
+        except ValueError as exc:
+            raise ValueError(f"preset: {exc}") from None
+        return {**fields, **data}
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelSpec:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads: {self.num_heads} does not divide hidden_size {self.hidden_size}")
+        if self.num_kv_heads is not None:
+            if self.family != "llama":
+                raise ValueError("num_kv_heads: only the llama family has grouped-query attention")
+            if self.num_heads % self.num_kv_heads:
+                raise ValueError(f"num_kv_heads: {self.num_kv_heads} does not divide num_heads {self.num_heads}")
+        if self.rope_theta is not None and self.family != "llama":
+            raise ValueError("rope_theta: only the llama family uses rotary position embeddings")
         return self
 
 
@@ -332,6 +386,18 @@ class StageSpec(Section):
     eval_max_batches: PositiveInt | None = Field(default=None, description="Cap on eval batches per evaluation.")
     checkpoint_every: int = Field(default=0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: PositiveInt = Field(default=2, description="Checkpoints kept on disk (oldest removed).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_vocabulary(cls, data: object) -> object:
+        """A model preset brings its published vocabulary size unless the stage sets its own."""
+        if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+            return data
+        vocab = preset_vocab_size(str(data["model"].get("preset")))
+        tokenizer = data.get("tokenizer") or {}
+        if vocab is None or not isinstance(tokenizer, dict) or "vocab_size" in tokenizer:
+            return data
+        return {**data, "tokenizer": {**tokenizer, "vocab_size": vocab}}
 
     @model_validator(mode="after")
     def _consistent(self) -> StageSpec:
