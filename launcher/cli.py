@@ -74,9 +74,11 @@ def main(argv: list[str] | None = None) -> int:
             return _slurm(spec, args)
         local = args.local or spec.cluster.num_workers == 0
         if args.command == "validate":
+            from launcher.coordinator.driver import check_devices
             from launcher.jobspec.plan import plan_job, render_plan
             from launcher.models.count import param_counts
 
+            check_devices(spec, local)
             print(render_plan(spec, plan_job(spec, local, param_counts=param_counts(spec)), local))
             return 0
         if args.command == "prepare":
@@ -90,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             claim_job_dir(spec)
             resolve(spec, local)  # worker processes on this machine's cores
             return 0
-        from launcher.coordinator.driver import check_precision
+        from launcher.coordinator.driver import check_devices
 
-        check_precision(spec, local, args.stage)  # before a private Ray starts
+        check_devices(spec, local, args.stage)  # before a private Ray starts
         if local:
             from launcher.coordinator.local import run_local
 

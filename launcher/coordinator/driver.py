@@ -6,6 +6,8 @@ checkpoint. The backend (local process or Ray) only runs one stage's ranks.
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable
@@ -121,10 +123,11 @@ def select_stage(spec: JobSpec, only: str | None) -> int | None:
     return names.index(only)
 
 
-def check_precision(spec: JobSpec, local: bool, only: str | None = None) -> None:
-    """fp16 needs a GPU: refuse it up front where the ranks would run on CPUs (DeepSpeed has no CPU fp16).
+def check_devices(spec: JobSpec, local: bool, only: str | None = None) -> None:
+    """Refuse up front what the ranks' devices cannot run: fp16 on CPUs (DeepSpeed has no CPU fp16),
+    flash_attention_2 without a CUDA GPU or the flash-attn package, `compile` on CPU without a C compiler.
 
-    With `only` (`--stage NAME`), only that stage runs, so only its precision matters.
+    With `only` (`--stage NAME`), only that stage runs, so only its settings matter.
     """
     if local:
         import torch
@@ -132,10 +135,23 @@ def check_precision(spec: JobSpec, local: bool, only: str | None = None) -> None
         on_cpu = not torch.cuda.is_available()
     else:
         on_cpu = not spec.cluster.use_gpu
+    where = "this machine has no CUDA device" if local else "cluster.use_gpu is false"
     for index, stage in enumerate(spec.stages):
-        if stage.precision == "fp16" and on_cpu and only in (None, stage.name):
-            where = "this machine has no CUDA device" if local else "cluster.use_gpu is false"
+        if only not in (None, stage.name):
+            continue
+        if stage.precision == "fp16" and on_cpu:
             raise UserError(f"stages.{index}.precision: fp16 needs a GPU and {where}; use bf16 or fp32")
+        if stage.model.attention == "flash_attention_2":
+            if on_cpu:
+                raise UserError(f"stages.{index}.model.attention: flash_attention_2 needs a GPU and {where}; use sdpa")
+            if importlib.util.find_spec("flash_attn") is None:
+                raise UserError(
+                    f"stages.{index}.model.attention: flash_attention_2 needs the flash-attn package; use sdpa"
+                )
+        if stage.model.compile and on_cpu and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+            raise UserError(
+                f"stages.{index}.model.compile: torch.compile on CPU needs a C compiler (cc, gcc or clang) on PATH"
+            )
 
 
 def run_job(

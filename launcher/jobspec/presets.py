@@ -53,7 +53,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }  # fmt: skip
 
-# Parameters of the base model (no task head) as published: what a preset must build (checked by a test).
+# Parameters as published, what a preset must build (checked by a test): BERT's encoder (`BertModel`), a
+# decoder's causal LM (its output layer counted once when tied to the embeddings).
 PUBLISHED_PARAMS: dict[str, int] = {
     "bert-base": 109_482_240,
     "bert-large": 335_141_888,

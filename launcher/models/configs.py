@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 from typing import Any
 
 import torch
 
-from launcher.errors import UserError
 from launcher.jobspec.models import ModelSpec
 
 
@@ -71,17 +68,6 @@ def hf_config(model: ModelSpec, vocab_size: int, special: Any, num_labels: int |
         eos_token_id=special.eos_token_id,
         **common,
     )
-
-
-def check_runtime(model: ModelSpec, use_gpu: bool, where: str) -> None:
-    """Refuse, before any worker starts, the switches this machine cannot honour (`where`: the field path)."""
-    if model.attention == "flash_attention_2":
-        if not use_gpu:
-            raise UserError(f"{where}.attention: flash_attention_2 needs a CUDA GPU (cluster.use_gpu: true)")
-        if importlib.util.find_spec("flash_attn") is None:
-            raise UserError(f"{where}.attention: flash_attention_2 needs the flash-attn package; use sdpa")
-    if model.compile and not use_gpu and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang", "g++")):
-        raise UserError(f"{where}.compile: torch.compile on CPU needs a C compiler (cc, gcc or clang) on PATH")
 
 
 def apply_runtime(module: torch.nn.Module, model: ModelSpec) -> None:

@@ -72,6 +72,8 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
                 raise UserError(f"stages.{index}: {restore} has no universal copy yet; run the same command again")
             ds_config["checkpoint"] = {"load_universal": True}
     engine = build_engine(model, ds_config, stage, plan.steps, ctx.device, spec.cluster.collective_timeout_s)
+    if stage.model.compile:
+        engine.compile()  # in place: the module's state-dict keys (checkpoints, export) stay the same
 
     state = TrainState()
     if restore is not None:
