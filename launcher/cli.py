@@ -75,11 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         local = args.local or spec.cluster.num_workers == 0
         if args.command == "validate":
             from launcher.coordinator.driver import check_devices
-            from launcher.jobspec.plan import plan_job, render_plan
+            from launcher.jobspec.plan import check_fit, plan_job, render_plan
             from launcher.models.count import param_counts
 
             check_devices(spec, local)
-            print(render_plan(spec, plan_job(spec, local, param_counts=param_counts(spec)), local))
+            counts = param_counts(spec)
+            plans = plan_job(spec, local, param_counts=counts)
+            print(render_plan(spec, plans, local))
+            check_fit(spec, plans, counts)
             return 0
         if args.command == "prepare":
             from launcher.coordinator.driver import claim_job_dir, resolve
@@ -95,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.coordinator.driver import check_devices
 
         check_devices(spec, local, args.stage)  # before a private Ray starts
+        if spec.cluster.gpu_memory_gb is not None:  # the memory plan needs the models' sizes (meta device)
+            from launcher.jobspec.plan import check_fit, plan_job
+            from launcher.models.count import param_counts
+
+            counts = param_counts(spec)
+            check_fit(spec, plan_job(spec, local, param_counts=counts), counts)
         if local:
             from launcher.coordinator.local import run_local
 

@@ -9,7 +9,7 @@ from launcher.jobspec.deepspeed_config import build_deepspeed_config
 from launcher.jobspec.load import load_spec
 from launcher.jobspec.plan import model_states_bytes, plan_stage
 from launcher.models.count import count_params
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, run_cli
 
 
 def test_global_batch_is_derived_once() -> None:
@@ -37,10 +37,11 @@ def test_epochs_become_steps() -> None:
 
 def test_zero_memory_formula_halves_optimizer_state() -> None:
     n = 1_000_000
-    assert model_states_bytes(n, "fp32", 0, 2) == {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n}
+    none = {"offloaded": 0}
+    assert model_states_bytes(n, "fp32", 0, 2) == {"weights": 4 * n, "gradients": 4 * n, "optimizer": 8 * n, **none}
     # fp32 under ZeRO >= 1: DeepSpeed's fp32 master partition joins the two Adam moments.
-    assert model_states_bytes(n, "fp32", 1, 2) == {"weights": 4 * n, "gradients": 4 * n, "optimizer": 12 * n // 2}
-    assert model_states_bytes(n, "bf16", 2, 2) == {"weights": 2 * n, "gradients": n, "optimizer": 6 * n}
+    assert model_states_bytes(n, "fp32", 1, 2) == {"weights": 4 * n, "gradients": 4 * n, "optimizer": 6 * n, **none}
+    assert model_states_bytes(n, "bf16", 2, 2) == {"weights": 2 * n, "gradients": n, "optimizer": 6 * n, **none}
     assert sum(model_states_bytes(n, "bf16", 3, 4).values()) == 16 * n // 4
 
 
@@ -98,3 +99,45 @@ def test_workers_of_an_allocation_have_one_rule_for_launcher_slurm_and_the_shell
     assert "LAUNCHER_WORKERS_PER_NODE" in capsys.readouterr().err
     shell = (ROOT / "slurm" / "ray_job.sh").read_text()
     assert "launcher workers" in shell and "LAUNCHER_WORKERS_PER_NODE:-" not in shell
+
+
+def test_memory_plan_of_bert_base_against_the_papers_formulas() -> None:
+    """bert-base, masked LM, bf16, ZeRO-2 on 4 workers, micro-batch 8 x 512: weights 2 Psi, gradients 2 Psi / 4,
+    optimizer state 12 Psi / 4 (ZeRO paper, mixed-precision Adam), activations 34 s b h per block (Korthikanti
+    et al., fused attention keeps no scores) plus fp32 logits and their gradient at the 15% masked positions."""
+    from launcher.jobspec.plan import memory_plan
+
+    args = ["stages.0.model={preset: bert-base}", "stages.0.tokenizer={}", "stages.0.precision=bf16",
+            "stages.0.data.seq_len=512", "cluster.num_workers=4", "deepspeed.zero_stage=2"]  # fmt: skip
+    spec = load_spec(TINY, args)
+    psi = count_params(spec, spec.stages[0])
+    assert 109_000_000 < psi < 111_000_000
+    plan = plan_stage(spec, 0, local=False, num_params=psi)
+    memory = memory_plan(spec, 0, plan, psi)
+    assert memory.states == {"weights": 2 * psi, "gradients": 2 * psi // 4, "optimizer": 12 * psi // 4, "offloaded": 0}
+    s, b, h, layers, vocab = 512, 8, 768, 12, 30522
+    assert memory.activations == int(layers * 34 * s * b * h + 2 * 4 * b * s * vocab * 0.15)
+    assert plan.model_states_bytes_per_worker == 2 * psi + 2 * psi // 4 + 12 * psi // 4
+    checkpointed = load_spec(TINY, [*args, "stages.0.model.activation_checkpointing=true"])
+    saved = memory_plan(checkpointed, 0, plan, psi).activations
+    assert saved == int(layers * 2 * s * b * h + 34 * s * b * h + 2 * 4 * b * s * vocab * 0.15)
+    offload = load_spec(TINY, ["stages.0.model={preset: bert-base}", "stages.0.precision=bf16", "cluster.num_workers=4",
+                               "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true"])  # fmt: skip
+    states = memory_plan(offload, 0, plan_stage(offload, 0, local=False), psi).states
+    assert states["optimizer"] == 0 and states["offloaded"] == 12 * psi // 4 and states["weights"] == 2 * psi // 4
+
+
+def test_a_plan_that_does_not_fit_the_gpu_is_refused_with_what_would_fit() -> None:
+    args = ["stages.0.model={preset: bert-large}", "stages.0.tokenizer={}", "stages.0.precision=bf16",
+            "stages.0.data.seq_len=512", "stages.0.batch.micro_batch_size=32", "cluster.num_workers=2",
+            "deepspeed.zero_stage=1"]  # fmt: skip
+    out = run_cli("validate", str(TINY), *args, "cluster.gpu_memory_gb=16")
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "does NOT fit" in out.stdout
+    line = out.stderr.strip()
+    assert line.startswith("error: cluster.gpu_memory_gb: stage 0 (pretrain) needs ~") and "\n" not in line
+    assert "fits with stages.0.model.activation_checkpointing=true" in line
+    fits = run_cli(
+        "validate", str(TINY), *args, "cluster.gpu_memory_gb=16", "stages.0.model.activation_checkpointing=true"
+    )
+    assert fits.returncode == 0 and ": fits" in fits.stdout, fits.stderr

@@ -32,6 +32,13 @@ class ClusterSpec(Section):
         description="Training workers (ranks). 0 means one in-process rank (debug mode, no Ray).",
     )
     use_gpu: bool = Field(default=False, description="Give each worker one GPU (nccl) instead of CPU (gloo).")
+    gpu_memory_gb: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Memory of each worker's GPU in GiB (e.g. 80 for an H100). When set, `validate` and `run` "
+        "check every stage's per-worker memory plan (model states + activations) against 90% of it and refuse "
+        "a stage that does not fit, naming the changes that would make it fit.",
+    )
     cpus_per_worker: PositiveInt = Field(default=1, description="CPU cores reserved for each worker.")
     address: str | None = Field(
         default=None,

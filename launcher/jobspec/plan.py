@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from launcher.errors import UserError
@@ -84,11 +85,20 @@ def steps_per_epoch(num_samples: int, global_batch: int) -> int:
     return max(1, math.ceil(num_samples / global_batch))
 
 
-def model_states_bytes(num_params: int, precision: str, zero_stage: int, world: int) -> dict[str, int]:
+def model_states_bytes(
+    num_params: int,
+    precision: str,
+    zero_stage: int,
+    world: int,
+    offload_optimizer: bool = False,
+    offload_param: bool = False,
+) -> dict[str, int]:
     """Per-worker bytes of weights, gradients and optimizer state under ZeRO (activations excluded).
 
     Stage 1 partitions the optimizer state over the workers, stage 2 also the gradients, stage 3
-    also the weights (the ZeRO paper's Psi-based formula).
+    also the weights (the ZeRO paper's Psi-based formula). What ZeRO-Offload keeps in host memory
+    instead of on the device is listed apart (`offloaded`): the optimizer state with
+    `offload_optimizer`, the weights' partition with `offload_param`.
     """
     weights, grads, optim = (b * num_params for b in _STATE_BYTES[precision])
     if zero_stage >= 1:
@@ -99,7 +109,167 @@ def model_states_bytes(num_params: int, precision: str, zero_stage: int, world: 
         grads /= world
     if zero_stage >= 3:
         weights /= world
-    return {"weights": int(weights), "gradients": int(grads), "optimizer": int(optim)}
+    offloaded = (optim if offload_optimizer else 0) + (weights if offload_param else 0)
+    return {
+        "weights": int(0 if offload_param else weights),
+        "gradients": int(grads),
+        "optimizer": int(0 if offload_optimizer else optim),
+        "offloaded": int(offloaded),
+    }
+
+
+def activation_bytes(
+    sizes: ArchitectureSizes, micro_batch: int, seq_len: int, precision: str, task: str, mlm_probability: float
+) -> int:
+    """Activations one rank keeps for the backward pass of one micro-batch (an estimate).
+
+    Per transformer block, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+    Transformer Models", eq. 2): s*b*h*(34 + 5*a*s/h) bytes with 16-bit activations; the 5*a*s/h
+    term (attention scores, softmax, dropout) is not kept by fused attention kernels (sdpa, flash).
+    fp32 doubles it. With activation checkpointing a block keeps only its input (2*s*b*h) and one
+    block at a time is recomputed in full. The output layer keeps fp32 logits and their gradient for
+    the scored positions (masked LM: the masked share only; classification: none worth counting).
+    """
+    s, b, h, a = seq_len, micro_batch, sizes.hidden_size, sizes.num_heads
+    scale = 2.0 if precision == "fp32" else 1.0
+    per_block = s * b * h * (34 + (5 * a * s / h if sizes.attention == "eager" else 0)) * scale
+    if sizes.activation_checkpointing:
+        blocks = sizes.num_layers * 2 * s * b * h * scale + per_block
+    else:
+        blocks = sizes.num_layers * per_block
+    scored = {"clm": 1.0, "mlm": mlm_probability, "rtd": mlm_probability}.get(task, 0.0)
+    logits = 2 * 4 * b * s * sizes.vocab_size * scored
+    return int(blocks + logits)
+
+
+@dataclass(frozen=True)
+class ArchitectureSizes:
+    """What the activation estimate needs to know about a model, from the spec or a model folder's config."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    vocab_size: int
+    attention: str
+    activation_checkpointing: bool
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """One worker's memory for a stage: model states on the device and offloaded, and one micro-batch's
+    activations; `usable_bytes` (from `cluster.gpu_memory_gb`) says what it must fit in."""
+
+    states: dict[str, int]
+    activations: int | None
+    usable_bytes: int | None
+
+    @property
+    def device_bytes(self) -> int:
+        return self.states["weights"] + self.states["gradients"] + self.states["optimizer"] + (self.activations or 0)
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.usable_bytes is None else self.device_bytes <= self.usable_bytes
+
+
+# The share of a GPU's memory the plan may fill: the rest is the CUDA context, communication buffers and the
+# caching allocator's fragmentation.
+USABLE_GPU_SHARE = 0.9
+
+
+def _sizes(spec: JobSpec, stage: StageSpec) -> ArchitectureSizes | None:
+    """The start model's sizes: the spec's, or the `config.json` of a model folder (bert, gpt2 or llama keys)."""
+    model, directory = architecture(spec, stage)
+    own = stage.model
+    if directory is None:
+        return ArchitectureSizes(model.hidden_size, model.num_layers, model.num_heads, vocab_size(spec, stage),
+                                 own.attention, own.activation_checkpointing)  # fmt: skip
+    try:
+        config = json.loads((directory / "config.json").read_text())
+        return ArchitectureSizes(
+            int(config.get("hidden_size") or config["n_embd"]),
+            int(config.get("num_hidden_layers") or config["n_layer"]),
+            int(config.get("num_attention_heads") or config["n_head"]),
+            int(config["vocab_size"]),
+            own.attention,
+            own.activation_checkpointing,
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def memory_plan(spec: JobSpec, index: int, plan: StagePlan, num_params: int) -> MemoryPlan:
+    """Stage `index`'s per-worker memory for its ZeRO stage, offload and worker count."""
+    stage, ds = spec.stages[index], spec.deepspeed
+    states = model_states_bytes(
+        num_params, stage.precision, ds.zero_stage, plan.world_size, ds.offload_optimizer, ds.offload_param
+    )
+    sizes = _sizes(spec, stage)
+    activations = None
+    if sizes is not None:
+        activations = activation_bytes(
+            sizes, plan.micro_batch_size, plan.seq_len, stage.precision, stage.task, stage.mlm_probability
+        )
+    gpu = spec.cluster.gpu_memory_gb
+    return MemoryPlan(states, activations, None if gpu is None else int(gpu * 2**30 * USABLE_GPU_SHARE))
+
+
+def fit_advice(spec: JobSpec, index: int, plan: StagePlan, num_params: int) -> list[str]:
+    """Single changes to the spec after which stage `index` fits `cluster.gpu_memory_gb` (first ones first)."""
+    stage, ds = spec.stages[index], spec.deepspeed
+    candidates: list[tuple[str, JobSpec, StagePlan]] = []
+
+    def variant(change: str, updated: JobSpec, new_plan: StagePlan | None = None) -> None:
+        candidates.append((change, updated, new_plan or plan))
+
+    def with_stage(**model: object) -> JobSpec:
+        stages = list(spec.stages)
+        stages[index] = stage.model_copy(update={"model": stage.model.model_copy(update=model)})
+        return spec.model_copy(update={"stages": stages})
+
+    def with_ds(**fields: object) -> JobSpec:
+        return spec.model_copy(update={"deepspeed": ds.model_copy(update=fields)})
+
+    if not stage.model.activation_checkpointing:
+        variant(f"stages.{index}.model.activation_checkpointing=true", with_stage(activation_checkpointing=True))
+    for zero in range(ds.zero_stage + 1, 4):
+        variant(f"deepspeed.zero_stage={zero}", with_ds(zero_stage=zero), replace(plan, zero_stage=zero))
+    if ds.zero_stage >= 1 and not ds.offload_optimizer:
+        variant("deepspeed.offload_optimizer=true", with_ds(offload_optimizer=True))
+    if ds.zero_stage == 3 and not ds.offload_param:
+        variant("deepspeed.offload_param=true", with_ds(offload_param=True))
+    if plan.micro_batch_size > 1:
+        half = plan.micro_batch_size // 2
+        variant(
+            f"stages.{index}.batch.micro_batch_size={half} (accumulation x2 keeps the global batch)",
+            spec,
+            replace(plan, micro_batch_size=half),
+        )
+    if ds.zero_stage >= 1:
+        workers = 2 * plan.world_size
+        variant(f"cluster.num_workers={workers}", spec, replace(plan, world_size=workers))
+    return [change for change, s, p in candidates if memory_plan(s, index, p, num_params).fits]
+
+
+def check_fit(spec: JobSpec, plans: list[StagePlan], param_counts: dict[str, int | None]) -> None:
+    """With `cluster.gpu_memory_gb`: refuse a stage whose worker memory does not fit, naming what would."""
+    if spec.cluster.gpu_memory_gb is None:
+        return
+    for index, plan in enumerate(plans):
+        num_params = param_counts.get(plan.name)
+        if num_params is None:
+            continue
+        memory = memory_plan(spec, index, plan, num_params)
+        if memory.fits:
+            continue
+        advice = fit_advice(spec, index, plan, num_params)
+        hint = f"; fits with {' or '.join(advice[:3])}" if advice else "; no single change of ZeRO stage, offload, "
+        if not advice:
+            hint += "activation checkpointing, micro-batch or worker count makes it fit"
+        raise UserError(
+            f"cluster.gpu_memory_gb: stage {index} ({plan.name}) needs ~{_gib(memory.device_bytes)} per worker, "
+            f"more than {_gib(memory.usable_bytes or 0)} usable of {spec.cluster.gpu_memory_gb:g} GiB{hint}"
+        )
 
 
 def vocab_size(spec: JobSpec, stage: StageSpec) -> int:
@@ -128,7 +298,10 @@ def plan_stage(
     micro, accum, global_batch = batch_sizes(stage, world, index)
     states = None
     if num_params is not None:
-        states = model_states_bytes(num_params, stage.precision, spec.deepspeed.zero_stage, world)
+        ds = spec.deepspeed
+        states = model_states_bytes(
+            num_params, stage.precision, ds.zero_stage, world, ds.offload_optimizer, ds.offload_param
+        )
     return StagePlan(
         name=stage.name,
         task=stage.task,
@@ -142,7 +315,7 @@ def plan_stage(
         steps=total_steps(stage, global_batch, num_train_samples),
         zero_stage=spec.deepspeed.zero_stage,
         num_params=num_params,
-        model_states_bytes_per_worker=None if states is None else sum(states.values()),
+        model_states_bytes_per_worker=None if states is None else sum(states.values()) - states["offloaded"],
         optimizer_states_bytes_per_worker=None if states is None else states["optimizer"],
     )
 
@@ -169,12 +342,6 @@ def render_plan(spec: JobSpec, plans: list[StagePlan], local: bool) -> str:
     ]
     for index, (stage, plan) in enumerate(zip(spec.stages, plans, strict=True)):
         steps = plan.steps if plan.steps is not None else f"{stage.epochs} epoch(s) (steps known after prepare)"
-        memory = "unknown"
-        if plan.model_states_bytes_per_worker is not None:
-            memory = (
-                f"{_gib(plan.model_states_bytes_per_worker)} (optimizer state "
-                f"{_gib(plan.optimizer_states_bytes_per_worker or 0)})"
-            )
         params = "unknown" if plan.num_params is None else f"{plan.num_params / 1e6:.2f} M"
         source = f", init_from {stage.init_from}" if stage.init_from else ""
         lines += [
@@ -182,8 +349,30 @@ def render_plan(spec: JobSpec, plans: list[StagePlan], local: bool) -> str:
             f"  world size {plan.world_size}; global batch {plan.global_batch_size} = micro {plan.micro_batch_size}"
             f" x accumulation {plan.grad_accum_steps} x workers {plan.world_size}",
             f"  tokens per step {plan.tokens_per_step} (seq_len {plan.seq_len}); steps {steps}",
-            f"  parameters {params}; model states per worker (ZeRO-{plan.zero_stage}) {memory}",
         ]
+        if plan.num_params is None or plan.model_states_bytes_per_worker is None:
+            lines.append(f"  parameters {params}; model states per worker (ZeRO-{plan.zero_stage}) unknown")
+            continue
+        memory = memory_plan(spec, index, plan, plan.num_params)
+        states = memory.states
+        offloaded = f"; offloaded to host memory {_gib(states['offloaded'])}" if states["offloaded"] else ""
+        lines.append(
+            f"  parameters {params}; model states per worker (ZeRO-{plan.zero_stage}) "
+            f"{_gib(plan.model_states_bytes_per_worker)}: weights {_gib(states['weights'])}, gradients "
+            f"{_gib(states['gradients'])}, optimizer state {_gib(states['optimizer'])}{offloaded}"
+        )
+        checkpointing = "on" if stage.model.activation_checkpointing else "off"
+        if memory.activations is not None:
+            lines.append(
+                f"  activations ~{_gib(memory.activations)} per micro-batch of {plan.micro_batch_size} x {plan.seq_len}"
+                f" (activation checkpointing {checkpointing}, attention {stage.model.attention})"
+            )
+        if memory.usable_bytes is not None:
+            verdict = "fits" if memory.fits else "does NOT fit"
+            lines.append(
+                f"  GPU memory: ~{_gib(memory.device_bytes)} per worker of {_gib(memory.usable_bytes)} usable "
+                f"({spec.cluster.gpu_memory_gb:g} GiB x {USABLE_GPU_SHARE}): {verdict}"
+            )
     return "\n".join(lines)
 
 
