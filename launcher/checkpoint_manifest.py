@@ -126,8 +126,24 @@ def prune(checkpoints: Path, keep: int) -> None:
 
 
 def needs_universal(saved: dict[str, Any], now: dict[str, Any]) -> bool:
-    """ZeRO-1/2 shards of another worker count load only through DeepSpeed's universal format."""
-    return saved["world_size"] != now["world_size"] and now["zero_stage"] in (1, 2)
+    """ZeRO-1/2/3 shards of another worker count load only through DeepSpeed's universal format.
+
+    ZeRO-3 goes the same way as 1 and 2: DeepSpeed 0.19.8 converts stage-3 shards
+    (`checkpoint/ds_to_universal.py` `main`, its "Stage 3 path": `extract_zero_shards_stage3` cuts each
+    rank's flat fp32 / exp_avg / exp_avg_sq partitions into per-parameter fragments, `merge_zero3_slices`
+    joins them into whole tensors) and loads them on any worker count (`runtime/zero/stage3.py`
+    `_load_universal_checkpoint` -> `load_hp_checkpoint_state_from_checkpoint_dir_stage3`: each rank reads
+    every parameter's whole fp32 weight and Adam moments and keeps its own `ceil(numel / world)` slice,
+    `load_hp_checkpoint_state`). The alternative, a consolidated state (the export's gather plus the
+    optimizer moments, re-partitioned by hand), would write the same whole tensors through private
+    optimizer attributes we would own; the universal copy keeps that in DeepSpeed. Its price, as for ZeRO-1/2:
+    the driver writes a second, world-size independent copy (about the size of the checkpoint) beside the
+    shards once, and every rank reads each whole tensor to keep 1/world of it, so a resume on another
+    worker count reads world x the optimizer state; a resume on the same count loads the shards as saved.
+    One gap, bridged in `launcher.worker.deepspeed_io.load_checkpoint`: the stage-3 load gives every
+    optimizer group the saved group 0's hyperparameters.
+    """
+    return saved["world_size"] != now["world_size"] and now["zero_stage"] in (1, 2, 3)
 
 
 def convert_to_universal(path: Path) -> Path:
@@ -179,9 +195,4 @@ def resume_problem(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
                 f"{at} was written with {key} {saved[key]}, this run has {now[key]}"
                 f"; set {field} back or use a new output_dir"
             )
-    if saved["world_size"] != now["world_size"] and now["zero_stage"] == 3:  # no universal copy for ZeRO-3 yet
-        return (
-            f"{at} holds ZeRO-3 shards of {saved['world_size']} workers and this run has {now['world_size']}; "
-            f"ZeRO-3 resumes only on the same worker count (set cluster.num_workers={saved['world_size']})"
-        )
     return None

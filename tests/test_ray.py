@@ -89,7 +89,7 @@ def test_prepare_on_a_cluster_runs_ray_data_tasks_that_match_the_local_result(he
 def test_trainer_starts_no_ray_data_actor_and_private_one_no_placement_group_cleaner() -> None:
     """The launcher passes no Ray Datasets: Ray Train's datasets callback (a DatasetManager actor per
     worker group) goes everywhere. The private cluster ends with the command: Ray Train's placement-group
-    cleaner (and the dashboard it polls) would only take CPU from the workers. (The ZeRO-3 refusal test
+    cleaner (and the dashboard it polls) would only take CPU from the workers. (The global-batch refusal test
     below starts a private Ray.)"""
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -237,25 +237,40 @@ RESHARD_ARGS = ["jobs/debug/tiny.yaml", "deepspeed.zero_stage=2", "stages.0.max_
 
 @pytest.fixture(scope="module")
 def reshard_reference(tmp_path_factory) -> Path:
-    """One preparation for every run below (tokenizer training is not deterministic across processes),
-    and the uninterrupted reference: 1 worker, accumulation 2."""
+    """One preparation for every run below (tokenizer training is not deterministic across processes);
+    `_reference` runs the uninterrupted 1-worker run (accumulation 2) of each ZeRO stage beside it."""
     prepared = tmp_path_factory.mktemp("reshard") / "prepared"
     assert_ok(run_cli("prepare", *RESHARD_ARGS, f"output_dir={prepared}", "--local"))
-    reference = prepared.parent / "reference"
-    shutil.copytree(prepared, reference)
-    assert_ok(run_cli("run", *RESHARD_ARGS, *PRETRAIN, f"output_dir={reference}", "--local"))
     return prepared
 
 
-@pytest.mark.parametrize(("first", "then"), [("ray2", "local1"), ("local1", "ray2")])
-def test_resume_on_a_different_worker_count(head, tmp_path, reshard_reference: Path, first: str, then: str) -> None:
-    """ZeRO-2 shards of 2 workers resume on 1, and the reverse (same global batch: 2 x 8 = 1 x 8 x 2). Draws
-    are keyed by micro-batch, not rank, so every step's loss equals the uninterrupted 1-worker run's."""
+def _reference(prepared: Path, zero: int) -> Path:
+    """The uninterrupted run's metrics.jsonl under ZeRO stage `zero` (run once per module)."""
+    reference = prepared.parent / f"reference-zero{zero}"
+    if not reference.exists():
+        shutil.copytree(prepared, reference.with_suffix(".partial"))
+        args = [*RESHARD_ARGS, f"deepspeed.zero_stage={zero}", *PRETRAIN, "--local"]
+        assert_ok(run_cli("run", *args, f"output_dir={reference.with_suffix('.partial')}"))
+        reference.with_suffix(".partial").rename(reference)
+    return reference / "tiny" / "pretrain" / "metrics.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("zero", "first", "then"),
+    [(2, "ray2", "local1"), (2, "local1", "ray2"), pytest.param(3, "ray2", "local1", marks=pytest.mark.slow),
+     pytest.param(3, "local1", "ray2", marks=pytest.mark.slow)],
+)  # fmt: skip
+def test_resume_on_a_different_worker_count(
+    head, tmp_path, reshard_reference: Path, zero: int, first: str, then: str
+) -> None:
+    """ZeRO-2 and ZeRO-3 shards of 2 workers resume on 1, and the reverse (same global batch: 2 x 8 = 1 x 8 x 2),
+    through DeepSpeed's universal copy. Draws are keyed by micro-batch, not rank, so every step's loss equals the
+    uninterrupted 1-worker run's."""
     from launcher.hooks import STOP_AFTER_STEP_ENV
 
     modes = {"ray2": ["cluster.num_workers=2"], "local1": ["--local"]}
     shutil.copytree(reshard_reference, tmp_path / "run")
-    out = [f"output_dir={tmp_path / 'run'}"]
+    out = [f"output_dir={tmp_path / 'run'}", f"deepspeed.zero_stage={zero}"]
     env = {"local1": {}, "ray2": on(head)}
     stopped = run_cli("run", *RESHARD_ARGS, *PRETRAIN, *out, *modes[first],
                       env={**env[first], STOP_AFTER_STEP_ENV: "4"})  # fmt: skip
@@ -267,29 +282,30 @@ def test_resume_on_a_different_worker_count(head, tmp_path, reshard_reference: P
     assert summary["resumed_from_step"] == 4 and summary["steps"] == 8
     assert summary["world_size"] == (2 if then == "ray2" else 1)
     got = read_jsonl(tmp_path / "run" / "tiny" / "pretrain" / "metrics.jsonl")
-    want = read_jsonl(reshard_reference.parent / "reference" / "tiny" / "pretrain" / "metrics.jsonl")
+    want = read_jsonl(_reference(reshard_reference, zero))
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 9))
     for have, expected in zip(got, want, strict=True):
         assert abs(have["train/loss"] - expected["train/loss"]) < 1e-4, (have["step"], have, expected)
         assert abs(have["train/lr"] - expected["train/lr"]) < 1e-9
 
 
-def test_zero3_refuses_a_different_worker_count(tmp_path) -> None:
+def test_a_resume_with_another_global_batch_is_refused_on_a_private_ray(tmp_path) -> None:
     """On a private Ray (this command starts and stops its own): refused before any worker starts."""
     from launcher.hooks import STOP_AFTER_STEP_ENV
 
-    args = [*RESHARD_ARGS, "deepspeed.zero_stage=3", f"output_dir={tmp_path}"]
+    args = [*RESHARD_ARGS, f"output_dir={tmp_path}"]
     assert run_cli("run", *args, *PRETRAIN, "--local", env={STOP_AFTER_STEP_ENV: "2"}).returncode == 75
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny" / "pretrain" / "checkpoints").rglob("*")}
     temp = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short: Ray's socket paths go below it
     try:
         env = {"RAY_ADDRESS": "", "TMPDIR": str(temp)}
-        refused = run_cli("run", *args, *PRETRAIN, "cluster.num_workers=2", env=env)
+        bigger = "stages.0.batch.global_batch_size=32"
+        refused = run_cli("run", *args, bigger, *PRETRAIN, "cluster.num_workers=2", env=env)
         left = sorted(p.name for p in temp.iterdir())
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert refused.returncode == 2, refused.stderr[-3000:]
-    assert "stages.0:" in refused.stderr and "cluster.num_workers=1" in refused.stderr
+    assert "stages.0:" in refused.stderr and "batch.global_batch_size=16" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert left == [], f"the private Ray's folder (token, sessions, temp files) is removed: {left}"
     after = {p: p.stat().st_mtime_ns for p in (tmp_path / "tiny" / "pretrain" / "checkpoints").rglob("*")}
