@@ -6,9 +6,10 @@
 #      (benchmarks/launcher_torchrun.py, as the Ray workers run it; Ray itself is too large to carry),
 #      `launcher run --local` in bf16 with ZeRO-2 and in fp16 with ZeRO-3, each export loaded back by
 #      transformers;
-#   2. llama `clm` pre-training at ~125M and ~350M parameters (bf16, ZeRO-2, `--local`) for a fixed number
-#      of steps, printed as one table: tokens/s, MFU (against the GPU table's bf16 peak) and peak GPU
-#      memory. Target on an H200: MFU >= 40% at 350M.
+#   2. `clm` pre-training of the llama presets smollm2-135m, smollm2-360m (activation checkpointing off and
+#      on) and tinyllama-1.1b (on) (bf16, sdpa, ZeRO-2, `--local`) for a fixed number of steps, printed as
+#      one table: tokens/s, MFU (against the GPU table's bf16 peak) and peak GPU memory; an MFU outside
+#      (0, 100%] fails the check. Target on an H200: MFU >= 40% at 360M.
 # `--dry-run` runs every command on this CPU instead, with tiny models, a few steps, gloo and fp32 in place
 # of fp16 (DeepSpeed has no CPU fp16): it checks the script, the wheels and the table, not the GPU.
 #
@@ -99,35 +100,43 @@ logged "$WORK/half.log" launcher run jobs/debug/tiny.yaml --local "output_dir=$W
 grep -E "^  (pretrain|finetune) " "$WORK/half.log"
 check_export "$WORK/half"
 
-echo "== 2. llama clm pre-training, bf16, ZeRO-2, --local"
-if [[ $DRY_RUN == 1 ]]; then
-    sizes=("tiny 64 2 4 128 64 4 3")
-else  # name hidden layers heads intermediate seq_len micro_batch steps
-    sizes=("125M 768 12 12 2048 1024 16 40" "350M 1024 24 16 2816 1024 8 40")
+echo "== 2. clm pre-training of the presets, bf16, sdpa, ZeRO-2, --local, activation checkpointing off / on"
+tiny="family: llama, hidden_size: 64, num_layers: 2, num_heads: 4, intermediate_size: 128"
+if [[ $DRY_RUN == 1 ]]; then  # name|model section|seq_len|micro_batch|steps
+    sizes=("tiny|{$tiny}|64|4|3" "tiny+ckpt|{$tiny, activation_checkpointing: true}|64|4|3")
+else
+    sizes=("smollm2-135m|{preset: smollm2-135m}|1024|16|30"
+           "smollm2-360m|{preset: smollm2-360m}|1024|8|30"
+           "smollm2-360m+ckpt|{preset: smollm2-360m, activation_checkpointing: true}|1024|8|30"
+           "tinyllama-1.1b+ckpt|{preset: tinyllama-1.1b, activation_checkpointing: true}|1024|8|20")
 fi
 rows=()
 for entry in "${sizes[@]}"; do
-    read -r name hidden layers heads inter seq micro steps <<<"$entry"
-    out="$WORK/llama-$name"
+    IFS='|' read -r name model seq micro steps <<<"$entry"
+    out="$WORK/clm-$name"
     logged "$out.log" launcher run jobs/pretrain-gpt-clm.yaml --local "output_dir=$out" "${gpu[@]}" deepspeed.zero_stage=2 \
-        stages.0.precision=bf16 "stages.0.model.hidden_size=$hidden" "stages.0.model.num_layers=$layers" \
-        "stages.0.model.num_heads=$heads" "stages.0.model.intermediate_size=$inter" \
-        "stages.0.model.max_position_embeddings=$seq" "stages.0.data.seq_len=$seq" stages.0.tokenizer.vocab_size=32000 \
+        stages.0.precision=bf16 "stages.0.model=$model" "stages.0.data.seq_len=$seq" stages.0.tokenizer.vocab_size=32000 \
         "stages.0.batch.micro_batch_size=$micro" stages.0.batch.grad_accum_steps=1 "stages.0.max_steps=$steps" \
         stages.0.log_every=10 stages.0.eval_every=0 stages.0.eval_max_batches=2 stages.0.checkpoint_every=0
     rows+=("$name $out/pretrain-gpt-clm/pretrain")
 done
 "$PY" - "${rows[@]}" <<'EOF'
-import json, sys
+import json, math, sys
 from pathlib import Path
 
-print(f"{'model':<6} {'parameters':>11} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'peak FLOP/s source':>22}")
+print(f"{'model':<20} {'parameters':>11} {'tokens/s':>10} {'MFU':>7} {'peak GiB':>9} {'peak FLOP/s source':>24}")
+bad = []
 for name, stage in (arg.split(" ", 1) for arg in sys.argv[1:]):
     summary = json.loads((Path(stage) / "summary.json").read_text())
     rows = [json.loads(line) for line in (Path(stage) / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if "train/mfu" in r][-1]  # the last window of log_every steps: steady state
     peak = summary.get("peak_memory_bytes") or 0
-    print(f"{name:<6} {summary['num_params'] / 1e6:10.1f}M {last['train/tokens_per_sec']:10,.0f} "
-          f"{last['train/mfu']:7.1%} {peak / 2**30:9.2f} {summary['peak_flops_source']:>22}")
+    mfu = last["train/mfu"]
+    print(f"{name:<20} {summary['num_params'] / 1e6:10.1f}M {last['train/tokens_per_sec']:10,.0f} "
+          f"{mfu:7.1%} {peak / 2**30:9.2f} {summary['peak_flops_source']:>24}")
+    if not math.isfinite(mfu) or not 0 < mfu <= 1:
+        bad.append(f"{name}: MFU {mfu} is not in (0, 100%]: the peak is not the peak of what ran")
+if bad:
+    sys.exit("gpu check: " + "; ".join(bad))
 EOF
 echo "gpu check: done$([[ $DRY_RUN == 1 ]] && echo ' (dry run on CPU)')"

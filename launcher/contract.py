@@ -9,7 +9,7 @@ may not even hold on a node that does not see the driver's working directory.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,10 @@ class StageResult:
     process_s: float  # the rank's whole run: build, train, export
     peak_memory_bytes: int
     stopped: bool = False
+    memory_before_model_bytes: int = 0  # the rank's memory before its model is built
+    memory_after_init_bytes: int = 0  # the rank's memory once model, engine and optimizer are built (before step 1)
+    checkpoint_save_s: float = 0.0  # rank 0's time in saving checkpoints (write, hash, report, commit)
+    checkpoint_load_s: float = 0.0  # the rank's time loading the checkpoint it resumed from
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,7 +106,8 @@ class StageResult:
     def from_json(cls, data: dict[str, Any]) -> StageResult:
         """From a `summary.json`; KeyError names the fields it lacks (a file from another version)."""
         names = [f.name for f in fields(cls)]
-        missing = [name for name in names if name not in data and name != "stopped"]
+        optional = {f.name for f in fields(cls) if f.default is not MISSING}
+        missing = [name for name in names if name not in data and name not in optional]
         if missing:
             raise KeyError(", ".join(missing))
         return cls(**{name: data[name] for name in names if name in data})

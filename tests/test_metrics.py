@@ -101,3 +101,34 @@ def test_ladder_needs_two_comparable_classification_stages() -> None:
     assert render_ladder(spec, _demo_summaries({"finetune": 0.70, "baseline": 0.70}))[-1] == (
         "Our pre-training (finetune) and random initialisation (baseline) tie at 0.700."
     )
+
+
+def test_mfu_is_taken_against_the_peak_of_what_ran_and_never_logged_above_100_percent(capsys) -> None:
+    """The peak is measured in the dtype the model computes in, with its matmul shapes; an MFU above 100% (a
+    peak measured low on a busy CPU) is measured again, and if still above, logged as NaN with one warning."""
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from launcher.metrics import compute_precision, matmul_shapes, measure_cpu_peak_flops
+    from launcher.worker.loop import Loop
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 8), torch.nn.Linear(8, 32), torch.nn.Linear(32, 8))
+    assert compute_precision(model) == "fp32" and compute_precision(model.to(torch.bfloat16)) == "bf16"
+    assert matmul_shapes(model, 64) == [(64, 32, 8), (64, 8, 32)]
+    assert measure_cpu_peak_flops("fp32", [(64, 8, 32)], repeats=1) > 1e6
+
+    def loop(peak: float, remeasured: float | None) -> SimpleNamespace:
+        measure = None if remeasured is None else (lambda: remeasured)
+        ctx, stage = SimpleNamespace(world_size=2, is_main=True), SimpleNamespace(name="s")
+        return SimpleNamespace(flops_per_token=10.0, peak_flops=peak, measure_peak=measure, _mfu_warned=False,
+                               ctx=ctx, stage=stage)  # fmt: skip
+
+    fine = loop(1000.0, None)
+    assert Loop._mfu(fine, 100.0) == 0.5
+    remeasured = loop(100.0, 4000.0)
+    assert Loop._mfu(remeasured, 100.0) == 0.125 and remeasured.peak_flops == 4000.0
+    still = loop(100.0, 200.0)
+    assert math.isnan(Loop._mfu(still, 100.0)) and math.isnan(Loop._mfu(still, 100.0))
+    assert capsys.readouterr().out.count("is above 100%") == 1

@@ -42,25 +42,43 @@ def gpu_peak_flops(name: str, precision: str) -> tuple[float, str]:
     return float("nan"), f"unknown GPU {name!r}"
 
 
-def measure_cpu_peak_flops(precision: str, size: int = 1024, repeats: int = 4) -> float:
-    """FLOP/s of a square matmul on this CPU right now (the best of a few runs)."""
-    dtype = torch.bfloat16 if precision in ("bf16", "fp16") else torch.float32
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+def measure_cpu_peak_flops(precision: str, shapes: list[tuple[int, int, int]] | None = None, repeats: int = 4) -> float:
+    """FLOP/s of this CPU right now: the best of a few runs of a square 1024 matmul and of `shapes`
+    ((m, k, n) products, e.g. the model's own layers at its batch), in the dtype named by `precision`."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    best_rate = 0.0
+    for m, k, n in [(1024, 1024, 1024), *(shapes or [])]:
+        a = torch.randn(m, k, dtype=dtype)
+        b = torch.randn(k, n, dtype=dtype)
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        best_rate = max(best_rate, 2 * m * k * n / max(best, 1e-9))
+    return best_rate
 
 
-def peak_flops(device: torch.device, precision: str) -> tuple[float, str]:
-    """Per-device peak FLOP/s and where the number comes from."""
+def compute_precision(model: torch.nn.Module) -> str:
+    """The precision `model` computes in, from its floating-point weights (what DeepSpeed cast it to)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def matmul_shapes(model: torch.nn.Module, tokens: int, limit: int = 3) -> list[tuple[int, int, int]]:
+    """The largest (tokens x in) @ (in x out) products of `model`'s linear layers, at `tokens` rows."""
+    shapes = {(tokens, m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(shapes, key=lambda shape: (shape[1] * shape[2], shape), reverse=True)[:limit]
+
+
+def peak_flops(
+    device: torch.device, precision: str, shapes: list[tuple[int, int, int]] | None = None
+) -> tuple[float, str]:
+    """Per-device peak FLOP/s of `precision` and where the number comes from (a CPU's is measured with `shapes`)."""
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device), precision)
-    return measure_cpu_peak_flops(precision), "measured matmul"
+    return measure_cpu_peak_flops(precision, shapes), f"measured {precision} matmul"
 
 
 def flops_per_token(model: torch.nn.Module, seq_len: int, head_fraction: float = 1.0) -> float:

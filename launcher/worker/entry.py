@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from launcher.errors import UserError
 from launcher.hooks import loop_hooks
 from launcher.jobspec.deepspeed_config import build_deepspeed_config
 from launcher.jobspec.layout import STOP_FILE
-from launcher.metrics import MetricsWriter, NullWriter, json_safe, peak_flops
+from launcher.metrics import MetricsWriter, NullWriter, compute_precision, json_safe, matmul_shapes, peak_flops
 from launcher.tasks import build_task
 from launcher.tasks.embedding_init import init_from_corpus
 from launcher.worker.context import RankContext
@@ -46,6 +47,7 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
     torch.manual_seed(spec.seed)
     tokenizer = load_tokenizer(paths.tokenizer_dir)
     task = build_task(stage, tokenizer)
+    memory_before_model = memory_bytes(ctx.device)
     model = task.build_model(paths.start)
     fresh = task.fresh_modules()
     if fresh is not None and ctx.is_main:
@@ -75,11 +77,17 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
     if stage.model.compile:
         engine.compile()  # in place: the module's state-dict keys (checkpoints, export) stay the same
 
-    state = TrainState()
+    state, load_s = TrainState(), 0.0
     if restore is not None:
+        loading = time.perf_counter()
         state = TrainState(**load_checkpoint(engine, restore, universal)["train_state"])
+        load_s = time.perf_counter() - loading
     resumed_from_step = None if restore is None else state.step
-    peak, peak_source = peak_flops(ctx.device, stage.precision)
+    memory_after_init = memory_bytes(ctx.device)
+    # MFU against the peak of what runs: the dtype the engine computes in, and on a CPU this model's matmul shapes.
+    computes_in = compute_precision(engine.module)
+    shapes = matmul_shapes(engine.module, plan.micro_batch_size * plan.seq_len)
+    peak, peak_source = peak_flops(ctx.device, computes_in, shapes)
     writer = MetricsWriter(paths.stage_dir, stage.name, state.step, plan.steps) if ctx.is_main else NullWriter()
     if state.step == 0:
         writer.text("spec", "```\n" + yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False) + "```")
@@ -90,6 +98,7 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
         seed=spec.seed, train_set=task.dataset(paths.data_dir, "train", spec.seed),
         eval_set=task.dataset(paths.data_dir, "eval", spec.seed), flops_per_token=fpt, peak_flops=peak,
         checkpoint_meta=meta, stop=stop, callbacks=callbacks,
+        measure_peak=None if ctx.device.type == "cuda" else lambda: peak_flops(ctx.device, computes_in, shapes)[0],
     )  # fmt: skip
     stopped = False
     if state.step < plan.steps:
@@ -117,13 +126,17 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
         num_params=num_params,
         **optimizer_state_bytes(engine),
         flops_per_token=fpt,
-        peak_flops_per_device=peak,
+        peak_flops_per_device=loop.peak_flops,
         peak_flops_source=peak_source,
         init_from=stage.init_from,
         resumed_from_step=resumed_from_step,
         process_s=round(time.perf_counter() - started, 3),
         peak_memory_bytes=peak_memory_bytes(ctx.device),
         stopped=stopped,
+        memory_before_model_bytes=memory_before_model,
+        memory_after_init_bytes=memory_after_init,
+        checkpoint_save_s=round(loop.checkpoint_s, 3),
+        checkpoint_load_s=round(load_s, 3),
     )
     if not stopped:
         export_model(engine, tokenizer, paths.model_dir, ctx.is_main)
@@ -158,6 +171,16 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
+
+
+def memory_bytes(device: torch.device) -> int:
+    """This rank's memory now: GPU memory allocated by torch on CUDA, else the process's resident set."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    import resource
+
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * resource.getpagesize()
 
 
 def quiet_libraries() -> None:

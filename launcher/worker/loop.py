@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,27 @@ class Loop:
     stop: StopPolicy = field(default_factory=StopPolicy)  # asked on rank 0 after every step
     callbacks: Sequence[StepCallback] = ()  # called before every step (sample trace, test hooks)
     watchdog: StepWatchdog | None = None  # told of every step, eval batch and checkpoint
+    measure_peak: Callable[[], float] | None = None  # measures the device's peak again (CPUs: a noisy figure)
+    _mfu_warned: bool = False
+    checkpoint_s: float = 0.0  # time spent saving checkpoints in this session
+
+    def _mfu(self, tokens_per_s: float) -> float:
+        """Model FLOPs utilisation. Above 1 the peak was measured low (a busy CPU): measured again, the larger
+        kept; still above 1, it is not a figure to log (NaN, one warning)."""
+        mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.ctx.world_size)
+        if mfu > 1.0 and self.measure_peak is not None:
+            self.peak_flops = max(self.peak_flops, self.measure_peak())
+            mfu = tokens_per_s * self.flops_per_token / (self.peak_flops * self.ctx.world_size)
+        if mfu > 1.0:
+            if not self._mfu_warned and self.ctx.is_main:
+                print(
+                    f"warning: stage {self.stage.name}: MFU {mfu:.0%} is above 100%: the device's peak "
+                    f"({self.peak_flops:.3g} FLOP/s) is below what ran; train/mfu is logged as NaN",
+                    flush=True,
+                )
+            self._mfu_warned = True
+            return math.nan
+        return mfu
 
     def _batch(self, dataset: Any, indices: list[int], generator: torch.Generator) -> tuple[Batch, int]:
         """The collated micro-batch on the device, and its real tokens (counted on the host: no device sync)."""
@@ -215,7 +236,7 @@ class Loop:
                     "train/lr": float(self.engine.get_lr()[0]),
                     "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                     "train/tokens_per_sec": rate,
-                    "train/mfu": rate * self.flops_per_token / (self.peak_flops * self.ctx.world_size),
+                    "train/mfu": self._mfu(rate),
                     "train/epoch": sampler.epoch_of(step),
                     "train/tokens": float(state.tokens),
                 }
@@ -229,10 +250,12 @@ class Loop:
                 self.writer.progress(state.step, scalars)
             checkpoint_due = (stage.checkpoint_every and state.step % stage.checkpoint_every == 0) or done
             if checkpoint_due or stop:
+                saving = time.perf_counter()
                 save_checkpoint(
                     self.engine, self.ctx, self.checkpoints, state.step, {"train_state": asdict(state)},
                     self.checkpoint_meta, stage.keep_checkpoints, {"step": state.step, "train_loss": train_loss},
                 )  # fmt: skip
+                self.checkpoint_s += time.perf_counter() - saving
             self._beat()
             window_start += time.perf_counter() - paused
             if stop and not done:
