@@ -119,3 +119,69 @@ def test_deepspeed_ops_build_in_a_cache_folder_of_this_installation(monkeypatch)
     out = subprocess.run([sys.executable, "-c", build], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (Path(ours) / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file()
+
+
+CLIP_CHECK = r"""
+import json, sys
+import torch, transformers
+from launcher.jobspec.load import load_spec
+from launcher.jobspec.plan import StagePlan
+from launcher.jobspec.deepspeed_config import build_deepspeed_config
+from launcher.worker.context import local_context
+from launcher.worker.engine import build_engine
+
+clip = sys.argv[1]
+spec = load_spec("jobs/finetune-minilm-rt.yaml", ["deepspeed.zero_stage=0", f"stages.0.optim.grad_clip={clip}"])
+stage = spec.stages[0]
+plan = StagePlan(name="t", task="classification", world_size=1, micro_batch_size=4, grad_accum_steps=1,
+                 global_batch_size=4, eval_batch_size=4, seq_len=16, tokens_per_step=64, steps=10, zero_stage=0,
+                 num_params=None, model_states_bytes_per_worker=None, optimizer_states_bytes_per_worker=None)
+config = transformers.BertConfig(vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+ctx = local_context(use_gpu=False)
+engines, norms, losses = [], [], []
+for deepspeed_clip in (False, True):
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(config)
+    engine = build_engine(model, build_deepspeed_config(spec.deepspeed, stage, plan), stage, plan.steps, ctx.device, 60)
+    if deepspeed_clip:
+        del engine.clip_fp32_gradients  # back to DeepSpeed's own method
+    torch.manual_seed(1)
+    batch = {"input_ids": torch.randint(5, 100, (4, 16)), "attention_mask": torch.ones(4, 16, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    run_losses, run_norms = [], []
+    for _ in range(4):
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        run_norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])))
+        engine.step()
+        run_losses.append(float(loss))
+    engines.append(engine)
+    losses.append(run_losses)
+    norms.append((run_norms, engine.get_global_grad_norm()))
+gap = max(float((a - b).abs().max()) for a, b in zip(engines[0].module.parameters(), engines[1].module.parameters()))
+print(json.dumps({"gap": gap, "losses": losses, "recorded": float(norms[0][1]), "computed": norms[0][0][-1],
+                  "deepspeed_recorded": norms[1][1]}))
+"""
+
+
+@pytest.mark.parametrize("clip", [0.05, 100.0])
+def test_single_rank_clipping_is_deepspeeds_to_the_bit_and_records_the_norm(clip) -> None:
+    """ZeRO-0 at world size 1 clips with one fused norm: the same weights and losses as DeepSpeed's per-parameter
+    clipping to the bit, whether it clips (0.05: every step) or not (100: the multiplication by 1 is skipped on
+    the CPU), and the norm is recorded for the loop's log."""
+    out = subprocess.run(
+        [sys.executable, "-c", CLIP_CHECK, str(clip)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["gap"] == 0.0, f"weights differ from DeepSpeed's clipping by {result['gap']}"
+    assert result["losses"][0] == result["losses"][1]
+    assert result["deepspeed_recorded"] is None, "DeepSpeed's ZeRO-0 clipping records no norm (else drop ours)"
+    assert result["recorded"] == pytest.approx(result["computed"], rel=1e-5)
+    assert (result["recorded"] > clip) == (clip < 1), "the case does (not) clip, as named"

@@ -25,7 +25,7 @@ from launcher.hooks import StepCallback, StopPolicy
 from launcher.jobspec.models import StageSpec
 from launcher.jobspec.plan import StagePlan
 from launcher.metrics import NullWriter
-from launcher.tasks import EvalSums, Task
+from launcher.tasks import Task
 from launcher.worker.context import RankContext
 from launcher.worker.deepspeed_io import save_checkpoint
 from launcher.worker.watchdog import StepWatchdog
@@ -136,8 +136,16 @@ class Loop:
             self.watchdog.beat(self.watchdog.step if step is None else step)
 
     def _grad_norm(self) -> float | None:
-        """Pre-clipping global norm; ZeRO-0 in fp32 does not record one, so compute it."""
-        if self.engine.zero_optimization_stage() == 0 and not self.engine.bfloat16_enabled():
+        """Pre-clipping global norm where the engine records none (ZeRO-0 in fp32, unless its clipping records it).
+
+        An engine that recorded a norm at the last step records this one too (`clip_single_rank_gradients`).
+        """
+        engine = self.engine
+        if (
+            engine.zero_optimization_stage() == 0
+            and not engine.bfloat16_enabled()
+            and engine.get_global_grad_norm() is None
+        ):
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             return float(torch.nn.utils.get_total_norm(grads)) if grads else None
         return None
@@ -149,9 +157,9 @@ class Loop:
         num_batches = math.ceil(math.ceil(len(self.eval_set) / self.ctx.world_size) / size)
         if self.stage.eval_max_batches is not None:
             num_batches = min(num_batches, self.stage.eval_max_batches)
-        sums = EvalSums()
+        sums = self.task.empty_sums()
         self.engine.eval()
-        with torch.no_grad():
+        with torch.inference_mode():  # no autograd bookkeeping (version counters, views) at all
             for b in range(num_batches):
                 indices = mine[b * size : (b + 1) * size]
                 generator = torch.Generator().manual_seed(step_seed(self.seed, b, self.ctx.rank, purpose=2))
@@ -161,7 +169,7 @@ class Loop:
                 if indices:
                     sums = sums + self.task.eval_sums(outputs, batch)
         self.engine.train()
-        return self.task.eval_metrics(EvalSums(*self._all_reduce(sums.values())))
+        return self.task.eval_metrics(sums.with_values(self._all_reduce(sums.values())))
 
     def run(self, state: TrainState) -> tuple[TrainState, bool]:
         """Train until `plan.steps`; returns (state, stopped early on request)."""
