@@ -12,9 +12,9 @@ settings without looking at the test set). The learning rate is the one setting 
 the validation split): `--lr RATE[,START=RATE...]`. Starting points, each made once through `launcher run`:
   random        the demo's small BERT from random initialisation (the demo's tokenizer: only weights differ)
   demo          the demo's pre-training export (`jobs/demo.yaml --stage pretrain --local`, ~4 min): masked LM
-                from co-occurrence embeddings (`embedding_init: cooccurrence`), as jobs/transfer.yaml's
+                from co-occurrence embeddings (`embedding_init.method: cooccurrence`), as jobs/transfer.yaml's
   demo-4x       the same pre-training for 4x the steps; any demo-<N>x (demo-4x ~12 min, demo-16x ~51 min)
-  mlm           the same masked LM from random token embeddings (`embedding_init: random`): masked LM alone;
+  mlm           the same masked LM from random token embeddings (`embedding_init.method: random`): masked LM alone;
                 mlm-<N>x: N times the steps (mlm-4x ~13 min, mlm-16x ~50 min)
   rtd           jobs/transfer-rtd.yaml's ELECTRA-style pre-training (`task: rtd`) of the same encoder, the
                 demo's steps; rtd-<N>x: N times the steps
@@ -54,7 +54,7 @@ DEMO_STEPS = 800  # the pre-training steps of jobs/demo.yaml, jobs/transfer.yaml
 # Job and overrides whose stage `pretrain` makes the start's export.
 PRETRAININGS: dict[str, tuple[Path, tuple[str, ...]]] = {
     "demo": (Path("jobs/demo.yaml"), ()),
-    "mlm": (Path("jobs/demo.yaml"), ("stages.0.embedding_init=random",)),
+    "mlm": (Path("jobs/demo.yaml"), ("stages.0.embedding_init.method=random",)),
     "rtd": (Path("jobs/transfer-rtd.yaml"), ()),
 }
 STARTS = ("random", "demo", "demo-4x", "mlm", "mlm-4x", "mlm-16x", "rtd", "rtd-4x", "minilm", "minilm-dapt")

@@ -1,4 +1,4 @@
-"""`embedding_init: cooccurrence`: counts within documents, PPMI + SVD vectors, and a real run that starts from them."""
+"""`embedding_init.method: cooccurrence`: counts within documents, PPMI + SVD vectors, and a run starting from them."""
 
 from __future__ import annotations
 
@@ -109,7 +109,7 @@ def test_set_embeddings_scales_seen_rows_and_keeps_the_rest() -> None:
 
 @pytest.mark.slow
 def test_a_run_starts_its_embeddings_from_the_corpus_statistics(tmp_path) -> None:
-    overrides = ["stages.0.embedding_init=cooccurrence", "stages.0.max_steps=1", "stages.0.eval_every=0"]
+    overrides = ["stages.0.embedding_init.method=cooccurrence", "stages.0.max_steps=1", "stages.0.eval_every=0"]
     result = run_cli("run", str(TINY), "--local", "--stage", "pretrain", f"output_dir={tmp_path}", *overrides)
     assert_ok(result)
     assert "token embeddings of " in result.stdout and "set from co-occurrence statistics" in result.stdout

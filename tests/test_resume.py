@@ -22,7 +22,7 @@ ARGS = ["jobs/debug/tiny.yaml", "--local", "stages.0.model.dropout=0.1", "stages
 # ZeRO-3 (partitioned weights and optimizer state) with the demo's co-occurrence embeddings and an
 # embedding rate of their own: the restored run (its embeddings from the checkpoint, its scaled
 # optimizer group) must take the straight run's steps.
-EMBEDDINGS = ["stages.0.embedding_init=cooccurrence", "stages.0.optim.embedding_lr_scale=0.5"]
+EMBEDDINGS = ["stages.0.embedding_init.method=cooccurrence", "stages.0.optim.embedding_lr_scale=0.5"]
 
 
 @pytest.mark.parametrize(

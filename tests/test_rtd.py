@@ -42,7 +42,7 @@ def test_sampling_follows_the_generator_distribution() -> None:
 
 
 def test_pair_shares_embeddings_and_scores_every_real_token() -> None:
-    stage = _stage(rtd_generator_size=0.5)
+    stage = _stage(rtd={"generator_size": 0.5})
     task = build_task(stage, _Tokenizer())
     torch.manual_seed(0)
     pair = task.build_model(None)

@@ -337,6 +337,58 @@ class ScheduleSpec(Section):
     warmup_steps: int = Field(default=0, ge=0, description="Linear warmup from 0 to the peak lr.")
 
 
+class EmbeddingInitSpec(Section):
+    """How a fresh pre-training stage (mlm, clm, rtd; no init_from or model.path) starts its token embeddings."""
+
+    method: Literal["random", "cooccurrence"] = Field(
+        default="random",
+        description="`random` (the model's own init) or `cooccurrence`: before step 1, each token's vector is its "
+        "row of the truncated SVD of the positive PMI of token co-occurrences (within 5 positions of one training "
+        "document; the first 100 M training tokens), scaled to `std`; seconds on a CPU. Similar words then start "
+        "with similar vectors, which masked LM alone learns slowly. Resuming keeps the checkpoint's embeddings.",
+    )
+    std: float = Field(
+        default=0.3,
+        gt=0.0,
+        description="Standard deviation the co-occurrence vectors are scaled to; against the position embeddings' "
+        "0.02 it sets how much they weigh after the embedding LayerNorm.",
+    )
+
+
+class MaskedLMSpec(Section):
+    """Task mlm: BERT's masking (of the chosen tokens 80% become [MASK], 10% a random token, 10% stay)."""
+
+    mask_probability: float = Field(default=0.15, gt=0.0, lt=1.0, description="Share of real tokens predicted.")
+
+
+class ReplacedTokenSpec(Section):
+    """Task rtd (ELECTRA): a small generator fills masked positions, the discriminator spots the replacements."""
+
+    mask_probability: float = Field(default=0.15, gt=0.0, lt=1.0, description="Share of real tokens masked.")
+    generator_size: float = Field(
+        default=0.25,
+        gt=0.0,
+        le=1.0,
+        description="Generator width as a share of the discriminator's: hidden size, heads and MLP width are "
+        "scaled by it, depth and embeddings are shared (ELECTRA: 1/4 to 1/2).",
+    )
+    discriminator_weight: float = Field(
+        default=50.0,
+        gt=0.0,
+        description="Weight of the discriminator's replaced-token loss against the generator's masked-LM loss "
+        "(ELECTRA: 50).",
+    )
+
+
+# Stage fields that moved into a section, and where they went.
+MOVED_FIELDS = {
+    "mlm_probability": "mlm.mask_probability (rtd.mask_probability for task rtd)",
+    "rtd_generator_size": "rtd.generator_size",
+    "rtd_weight": "rtd.discriminator_weight",
+    "embedding_init_std": "embedding_init.std",
+}
+
+
 class StageSpec(Section):
     """One step of the pipeline: a task on a model, trained for `max_steps` or `epochs`."""
 
@@ -357,42 +409,31 @@ class StageSpec(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(default="fp32", description="Training precision.")
     max_steps: PositiveInt | None = Field(default=None, description="Optimizer steps; wins over epochs.")
     epochs: float | None = Field(default=None, gt=0.0, description="Passes over the training set (when no max_steps).")
-    mlm_probability: float = Field(default=0.15, gt=0.0, lt=1.0, description="Masked share of tokens (mlm, rtd).")
-    rtd_generator_size: float = Field(
-        default=0.25,
-        gt=0.0,
-        le=1.0,
-        description="Generator width as a share of the discriminator's (rtd): hidden size, heads and MLP width are "
-        "scaled by it, depth and embeddings are shared. ELECTRA found 1/4 to 1/2 of the discriminator best.",
+    embedding_init: EmbeddingInitSpec = Field(
+        default_factory=lambda: EmbeddingInitSpec(), description="Token-embedding init of a fresh pre-training stage."
     )
-    rtd_weight: float = Field(
-        default=50.0,
-        gt=0.0,
-        description="Weight of the discriminator's replaced-token loss against the generator's masked-LM loss (rtd); "
-        "ELECTRA uses 50.",
-    )
-    embedding_init: Literal["random", "cooccurrence"] = Field(
-        default="random",
-        description="How a fresh pre-training stage (mlm, clm, rtd; no init_from or model.path) starts its token "
-        "embeddings: `random` (the model's own init) or `cooccurrence`: before step 1, each token's vector is "
-        "its row of the truncated SVD of the positive PMI of token co-occurrences (within 5 positions of one "
-        "training document; the first 100 M training tokens), scaled to `embedding_init_std`; seconds on a CPU. "
-        "Similar words then start with similar vectors, which masked LM alone takes long to learn: at the "
-        "demo's scale this is what makes pre-training beat random init (README, Transfer). Resuming keeps the "
-        "checkpoint's embeddings.",
-    )
-    embedding_init_std: float = Field(
-        default=0.3,
-        gt=0.0,
-        description="Standard deviation the co-occurrence vectors are scaled to (`embedding_init: cooccurrence`). "
-        "Against the position embeddings' 0.02 it decides how much the vectors weigh after the embedding "
-        "LayerNorm: 0.02 lost their effect in fine-tuning, 0.1 and 0.3 kept it.",
-    )
+    mlm: MaskedLMSpec = Field(default_factory=lambda: MaskedLMSpec(), description="Settings of task mlm.")
+    rtd: ReplacedTokenSpec = Field(default_factory=lambda: ReplacedTokenSpec(), description="Settings of task rtd.")
     log_every: PositiveInt = Field(default=10, description="Log train metrics every N steps (and after step 1).")
     eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: only at the end).")
     eval_max_batches: PositiveInt | None = Field(default=None, description="Cap on eval batches per evaluation.")
     checkpoint_every: int = Field(default=0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: PositiveInt = Field(default=2, description="Checkpoints kept on disk (oldest removed).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: object) -> object:
+        if isinstance(data, dict):
+            for name, place in MOVED_FIELDS.items():
+                if name in data:
+                    raise ValueError(f"{name}: moved to {place}")
+            if isinstance(data.get("embedding_init"), str):
+                raise ValueError(f"embedding_init: now a section: embedding_init: {{method: {data['embedding_init']}}}")
+        return data
+
+    def mask_probability(self) -> float:
+        """The masked share of tokens of this stage's task (0 for tasks that mask nothing)."""
+        return {"mlm": self.mlm.mask_probability, "rtd": self.rtd.mask_probability}.get(self.task, 0.0)
 
     @model_validator(mode="before")
     @classmethod
@@ -423,12 +464,15 @@ class StageSpec(Section):
             raise ValueError("data.sources: mixtures are for pre-training (mlm, clm, rtd); use data.train")
         if self.task in ("mlm", "clm", "rtd") and self.data.seq_len < 2:
             raise ValueError(f"data.seq_len: task {self.task} needs blocks of at least 2 tokens")
-        if self.embedding_init != "random":
+        if self.embedding_init.method != "random":
             if self.task not in ("mlm", "clm", "rtd"):
-                raise ValueError("embedding_init: only for pre-training stages (mlm, clm, rtd)")
+                raise ValueError("embedding_init.method: only for pre-training stages (mlm, clm, rtd)")
             if self.init_from is not None or self.model.path is not None:
                 where = "init_from" if self.init_from is not None else "model.path"
-                raise ValueError(f"embedding_init: {where} brings trained embeddings; use embedding_init: random")
+                raise ValueError(f"embedding_init.method: {where} brings trained embeddings; use random")
+        for section in ("mlm", "rtd"):
+            if section in self.model_fields_set and self.task != section:
+                raise ValueError(f"{section}: settings of task {section}, and this stage's task is {self.task}")
         if self.task in ("mlm", "rtd") and self.model.family != "bert":
             raise ValueError(f"model.family: task {self.task} needs the bert family")
         if self.task == "rtd" and self.model.path is not None:

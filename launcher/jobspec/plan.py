@@ -119,7 +119,7 @@ def model_states_bytes(
 
 
 def activation_bytes(
-    sizes: ArchitectureSizes, micro_batch: int, seq_len: int, precision: str, task: str, mlm_probability: float
+    sizes: ArchitectureSizes, micro_batch: int, seq_len: int, precision: str, task: str, mask_probability: float
 ) -> int:
     """Activations one rank keeps for the backward pass of one micro-batch (an estimate).
 
@@ -137,7 +137,7 @@ def activation_bytes(
         blocks = sizes.num_layers * 2 * s * b * h * scale + per_block
     else:
         blocks = sizes.num_layers * per_block
-    scored = {"clm": 1.0, "mlm": mlm_probability, "rtd": mlm_probability}.get(task, 0.0)
+    scored = {"clm": 1.0, "mlm": mask_probability, "rtd": mask_probability}.get(task, 0.0)
     logits = 2 * 4 * b * s * sizes.vocab_size * scored
     return int(blocks + logits)
 
@@ -208,7 +208,7 @@ def memory_plan(spec: JobSpec, index: int, plan: StagePlan, num_params: int) -> 
     activations = None
     if sizes is not None:
         activations = activation_bytes(
-            sizes, plan.micro_batch_size, plan.seq_len, stage.precision, stage.task, stage.mlm_probability
+            sizes, plan.micro_batch_size, plan.seq_len, stage.precision, stage.task, stage.mask_probability()
         )
     gpu = spec.cluster.gpu_memory_gb
     return MemoryPlan(states, activations, None if gpu is None else int(gpu * 2**30 * USABLE_GPU_SHARE))

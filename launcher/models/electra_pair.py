@@ -5,7 +5,7 @@ predicts them. Its predictions are *sampled* (no gradient through the sample) in
 and the discriminator labels every real token as original or replaced. The discriminator learns from
 every token, not only the masked ones, which is where the method's compute efficiency comes from.
 Both share the token, position and type embeddings (the generator's output layer is tied to them);
-the loss is `generator MLM loss + rtd_weight x discriminator loss`.
+the loss is `generator MLM loss + rtd.discriminator_weight x discriminator loss`.
 
 The export is the discriminator alone, as HF's `ElectraForPreTraining` (safetensors):
 `AutoModelForSequenceClassification` loads it as `ElectraForSequenceClassification` (only the

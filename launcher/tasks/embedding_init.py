@@ -1,4 +1,4 @@
-"""Token embeddings from co-occurrence statistics (`embedding_init: cooccurrence`).
+"""Token embeddings from co-occurrence statistics (`embedding_init.method: cooccurrence`).
 
 Counts how often two tokens occur within `WINDOW` positions of each other inside a training document,
 turns the counts into positive pointwise mutual information (PPMI) and keeps the top singular
@@ -130,9 +130,9 @@ def init_from_corpus(
     stores = [TokenStore.read(data_dir, "train", source) for source in sources]
     embedding = model.get_input_embeddings()
     vectors, seen = cooccurrence_vectors(stores, embedding.num_embeddings, embedding.embedding_dim, skip_ids, seed)
-    rows = set_embeddings(embedding, vectors, seen, stage.embedding_init_std)
+    rows = set_embeddings(embedding, vectors, seen, stage.embedding_init.std)
     read = min(sum(store.num_tokens for store in stores), MAX_TOKENS)
     return (
         f"token embeddings of {rows} tokens set from co-occurrence statistics (PPMI, window {WINDOW}, SVD) of "
-        f"{read:,} training tokens, std {stage.embedding_init_std:g}, in {time.perf_counter() - started:.1f} s"
+        f"{read:,} training tokens, std {stage.embedding_init.std:g}, in {time.perf_counter() - started:.1f} s"
     )

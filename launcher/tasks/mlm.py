@@ -21,13 +21,13 @@ class MaskedLM(Task):
         return BertForMaskedLM
 
     def flops_per_token(self, model: torch.nn.Module, seq_len: int) -> float:
-        return flops_per_token(model, seq_len, self.stage.mlm_probability)  # the head runs on masked tokens only
+        return flops_per_token(model, seq_len, self.stage.mask_probability())  # the head runs on masked tokens only
 
     def chosen(self, ids: torch.Tensor, mask: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The positions to predict: `mlm_probability` of the real, non-special tokens."""
+        """The positions to predict: the task's `mask_probability` of the real, non-special tokens."""
         special = torch.tensor(self.tokenizer.all_special_ids)
         maskable = (mask == 1) & ~torch.isin(ids, special)
-        return (torch.rand(ids.shape, generator=generator) < self.stage.mlm_probability) & maskable
+        return (torch.rand(ids.shape, generator=generator) < self.stage.mask_probability()) & maskable
 
     def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
         ids, mask = pad_batch([s["input_ids"] for s in samples], self.pad_id)

@@ -33,13 +33,15 @@ class ReplacedTokenDetection(MaskedLM):
     def from_config(self, config: Any) -> torch.nn.Module:
         from launcher.models.electra_pair import build_pair
 
-        return build_pair(config, self.stage.rtd_generator_size, self.stage.rtd_weight)
+        return build_pair(config, self.stage.rtd.generator_size, self.stage.rtd.discriminator_weight)
 
     def load(self, init_path: Path) -> torch.nn.Module:
         from launcher.models.electra_pair import load_pair
 
         stage = self.stage
-        pair, self.fresh_weights = load_pair(init_path, self.pad_id, stage.rtd_generator_size, stage.rtd_weight)
+        pair, self.fresh_weights = load_pair(
+            init_path, self.pad_id, stage.rtd.generator_size, stage.rtd.discriminator_weight
+        )
         return pair
 
     def flops_per_token(self, model: torch.nn.Module, seq_len: int) -> float:

@@ -53,7 +53,7 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
     if fresh is not None and ctx.is_main:
         print(f"stage {stage.name}: {paths.start} has no weights for {fresh}; they start from random init", flush=True)
     restore = ctx.restore_dir(paths.checkpoints)
-    if stage.embedding_init == "cooccurrence" and paths.start is None and restore is None:
+    if stage.embedding_init.method == "cooccurrence" and paths.start is None and restore is None:
         line = init_from_corpus(model, stage, paths.data_dir, tokenizer.all_special_ids, spec.seed)
         if ctx.is_main:
             print(f"stage {stage.name}: {line}", flush=True)
