@@ -7,15 +7,23 @@ lists each file's size and sha256 with the step and the run's shape. A folder wi
 with a one-line warning, and the newest one that verifies is used instead. The digests are checked
 before DeepSpeed unpickles anything. The driver uses these rules without importing torch; the
 DeepSpeed save and load live in `launcher.worker.deepspeed_io`.
+
+Every byte is hashed once per save and once per resume: each rank hashes the files it wrote right
+after writing them (from the page cache, its files in parallel threads, the ranks in parallel), rank 0
+writes the manifest from the gathered digests after checking only sizes, and at resume the driver's
+verdict travels with the launch (`verdicts` / `trust`) so that rank 0 does not hash the same folder again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +33,11 @@ from launcher.errors import UserError
 TAG_PREFIX = "step_"
 MANIFEST_FILE = "launcher.json"  # the manifest, written last by rank 0: its presence commits the folder
 UNIVERSAL = "universal"  # subfolder of a checkpoint: its DeepSpeed universal copy (other worker counts)
-_CHUNK = 1 << 20
+_CHUNK_BYTES = 8 << 20
+_RANK_IN_NAME = re.compile(r"zero_pp_rank_(\d+)_")  # DeepSpeed's per-rank shard files
 
-_verified: dict[tuple[Any, ...], str | None] = {}  # (folder, files' stat) -> problem; hashing once per process
+Verdict = tuple[tuple[Any, ...], str | None]  # (folder, manifest and files' stat) -> problem (None: verified)
+_verified: dict[tuple[Any, ...], str | None] = {}  # hashing once per process (and per run: `trust`)
 _warned: set[str] = set()
 
 
@@ -35,19 +45,42 @@ def tag_for(step: int) -> str:
     return f"{TAG_PREFIX}{step:08d}"
 
 
-def file_digests(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file under `folder`, by path relative to it."""
+def file_digests(folder: Path, rank: int = 0, world_size: int = 1) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of the files under `folder` that `rank` of `world_size` wrote, by path relative to it.
+
+    A DeepSpeed shard (`*zero_pp_rank_<r>_*`) belongs to rank r, every other file to rank 0; with the
+    default world of one, every file. The files are hashed in parallel threads (hashlib releases the GIL).
+    """
+    paths = [p for p in folder.rglob("*") if p.is_file() and owner(p.relative_to(folder), world_size) == rank]
     return {
-        path.relative_to(folder).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
-        for path in sorted(p for p in folder.rglob("*") if p.is_file())
+        name: {"size": (folder / name).stat().st_size, "sha256": digest} for name, digest in _sha256s(folder, paths)
     }
+
+
+def owner(name: Path, world_size: int) -> int:
+    """The rank that writes (and hashes) a checkpoint file."""
+    match = _RANK_IN_NAME.search(name.name)
+    return int(match.group(1)) % world_size if match else 0
+
+
+def _sha256s(folder: Path, paths: Iterable[Path]) -> list[tuple[str, str]]:
+    """(name, sha256) of each path, sorted by name; the largest files start first, one thread per core."""
+    paths = sorted(paths, key=lambda p: p.stat().st_size, reverse=True)
+    if len(paths) <= 1:
+        digests = [_sha256(p) for p in paths]
+    else:
+        with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1)) as pool:
+            digests = list(pool.map(_sha256, paths))
+    return sorted((p.relative_to(folder).as_posix(), digest) for p, digest in zip(paths, digests, strict=True))
 
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
+    buffer = bytearray(_CHUNK_BYTES)
+    view = memoryview(buffer)
+    with path.open("rb", buffering=0) as stream:
+        while size := stream.readinto(buffer):
+            digest.update(view[:size])
     return digest.hexdigest()
 
 
@@ -88,10 +121,24 @@ def verify(folder: Path) -> str | None:
 
 
 def _check_files(folder: Path, files: dict[str, dict[str, Any]]) -> str | None:
-    for name, entry in sorted(files.items()):
-        if _sha256(folder / name) != entry["sha256"]:
+    for name, digest in _sha256s(folder, (folder / name for name in files)):
+        if digest != files[name]["sha256"]:
             return f"{name} does not match its sha256 in the manifest (corrupted)"
     return None
+
+
+def verdicts() -> list[Verdict]:
+    """What this process found when it hashed checkpoint folders, to hand to another process of the same run.
+
+    Each verdict is keyed by the folder, its manifest's and files' sizes and modification times, as in
+    this process's own cache: a file rewritten since is hashed again.
+    """
+    return list(_verified.items())
+
+
+def trust(found: Iterable[Verdict]) -> None:
+    """Take another process's verdicts (the driver's, before it launched this stage) as this process's own."""
+    _verified.update(found)
 
 
 def _folders(checkpoints: Path) -> list[Path]:
@@ -140,8 +187,8 @@ def needs_universal(saved: dict[str, Any], now: dict[str, Any]) -> bool:
     the driver writes a second, world-size independent copy (about the size of the checkpoint) beside the
     shards once, and every rank reads each whole tensor to keep 1/world of it, so a resume on another
     worker count reads world x the optimizer state; a resume on the same count loads the shards as saved.
-    One gap, bridged in `launcher.worker.deepspeed_io.load_checkpoint`: the stage-3 load gives every
-    optimizer group the saved group 0's hyperparameters.
+    Two slips of the stage-3 load are bridged in `launcher.worker.deepspeed_io.load_checkpoint` (every
+    optimizer group gets the saved group 0's hyperparameters, and all groups one shared Adam step tensor).
     """
     return saved["world_size"] != now["world_size"] and now["zero_stage"] in (1, 2, 3)
 

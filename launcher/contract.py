@@ -51,16 +51,19 @@ class StageLaunch:
     index: int
     plan: StagePlan
     paths: StagePaths
+    # The driver's checkpoint verdicts (`launcher.checkpoint_manifest.verdicts`): rank 0 does not hash a
+    # folder again that the driver hashed, unless a file of it changed since.
+    checkpoint_verdicts: tuple[Any, ...] = ()
 
     @property
     def stage(self) -> StageSpec:
         return self.spec.stages[self.index]
 
     @classmethod
-    def of(cls, spec: JobSpec, index: int, plan: StagePlan) -> StageLaunch:
+    def of(cls, spec: JobSpec, index: int, plan: StagePlan, checkpoint_verdicts: tuple[Any, ...] = ()) -> StageLaunch:
         assert plan.steps is not None, "the driver resolves steps (from the prepared data) before launching"
         assert plan.name == spec.stages[index].name, f"plan {plan.name} is not for stage {index}"
-        return cls(spec, index, plan, StagePaths.of(spec, spec.stages[index]))
+        return cls(spec, index, plan, StagePaths.of(spec, spec.stages[index]), checkpoint_verdicts)
 
 
 @dataclass(frozen=True)

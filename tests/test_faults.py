@@ -58,6 +58,34 @@ def test_only_committed_checkpoints_that_verify_are_used(tmp_path: Path, capsys)
     assert rules.latest_checkpoint(tmp_path) is None, "a truncated file fails too"
 
 
+def test_a_verdict_handed_on_covers_only_the_files_as_they_were_hashed(tmp_path: Path) -> None:
+    """The driver's verdicts travel to rank 0 (`trust`), keyed by every file's size and modification time:
+    a file rewritten since (a flipped byte) is hashed again, not taken on the driver's word."""
+    four = _committed(tmp_path, 4)
+    assert rules.verify(four) is None
+    handed_on = rules.verdicts()
+    rules._verified.clear()  # another process: nothing hashed yet
+    rules.trust(handed_on)
+    data = bytearray((four / "model.pt").read_bytes())
+    data[0] ^= 0x01
+    time.sleep(0.01)  # a new modification time even on a coarse clock
+    (four / "model.pt").write_bytes(bytes(data))
+    assert "model.pt does not match its sha256" in rules.verify(four)
+
+
+def test_each_rank_hashes_the_shards_it_wrote_and_together_every_file(tmp_path: Path) -> None:
+    """In a folder that every rank writes into, DeepSpeed names each rank's shards; other files are rank 0's."""
+    folder = tmp_path / "step"
+    folder.mkdir()
+    names = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_1_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]  # fmt: skip
+    for index, name in enumerate(names):
+        (folder / name).write_bytes(bytes([index]) * (1000 + index))
+    parts = [rules.file_digests(folder, rank, 2) for rank in (0, 1)]
+    assert set(parts[1]) == {names[2], names[3]} and set(parts[0]) == {names[0], names[1]}
+    assert {**parts[0], **parts[1]} == rules.file_digests(folder), "the same digests as one process hashing all"
+
+
 def test_only_committed_checkpoints_count_toward_keep(tmp_path: Path) -> None:
     for step in (2, 4):
         _committed(tmp_path, step)
@@ -73,12 +101,12 @@ def test_only_committed_checkpoints_count_toward_keep(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000004", "step_00000010"]
 
 
-def _stopped_at_six(out: Path) -> Path:
+def _stopped_at_six(out: Path, *overrides: str) -> Path:
     """The pretrain stage, stopped after step 6 (checkpoints 4 and 6 committed); its checkpoints folder."""
-    result = run_cli("run", TINY, *PRETRAIN, f"output_dir={out}", env={STOP_AFTER_STEP_ENV: "6"})
+    result = run_cli("run", TINY, *PRETRAIN, *overrides, f"output_dir={out}", env={STOP_AFTER_STEP_ENV: "6"})
     assert result.returncode == 75, result.stderr[-3000:]
     checkpoints = out / "tiny" / "pretrain" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000004", "step_00000006"]
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004", "step_00000006"]
     return checkpoints
 
 
@@ -89,15 +117,23 @@ def _resumed_from(out: Path) -> int:
 
 
 @pytest.mark.slow  # a real run (the unit checks above stay in `make test-fast`)
-def test_a_flipped_byte_in_a_shard_is_refused_and_the_older_checkpoint_used(tmp_path: Path) -> None:
-    checkpoints = _stopped_at_six(tmp_path)
-    states = checkpoints / "step_00000006" / "mp_rank_00_model_states.pt"
+@pytest.mark.parametrize(
+    ("zero", "shard"), [(0, "mp_rank_00_model_states.pt"), (2, "zero_pp_rank_0_mp_rank_00_optim_states.pt")]
+)
+def test_a_flipped_byte_in_a_shard_is_refused_and_the_older_checkpoint_used(
+    tmp_path: Path, zero: int, shard: str
+) -> None:
+    """ZeRO-0's one file, and ZeRO-2's optimizer shard beside the weights (a checkpoint of several files,
+    each hashed once, by the rank that wrote it): refused with a warning, the run resumes from step 4."""
+    checkpoints = _stopped_at_six(tmp_path, f"deepspeed.zero_stage={zero}")
+    assert len(rules.read_manifest(checkpoints / "step_00000006")["files"]) >= (2 if zero else 1)
+    states = checkpoints / "step_00000006" / shard
     data = bytearray(states.read_bytes())
     data[len(data) // 2] ^= 0x10  # inside tensor data: torch.load would not notice
     states.write_bytes(bytes(data))
-    result = run_cli("run", TINY, *PRETRAIN, f"output_dir={tmp_path}")
+    result = run_cli("run", TINY, *PRETRAIN, f"deepspeed.zero_stage={zero}", f"output_dir={tmp_path}")
     assert_ok(result)
-    assert "step_00000006: mp_rank_00_model_states.pt does not match its sha256" in result.stderr
+    assert f"step_00000006: {shard} does not match its sha256" in result.stderr
     assert "Traceback" not in result.stderr
     assert _resumed_from(tmp_path) == 4
 

@@ -149,6 +149,17 @@ def test_zero_stage_trains_and_exports_the_consolidated_weights(zero_runs, zero:
     assert manifest is not None and verify(final) is None
     for rank in (0, 1) if zero else ():
         assert any(name.startswith(f"zero_pp_rank_{rank}_") for name in manifest["files"]), manifest["files"]
+    if zero:  # rank 1 hashed its shard itself: a copy with one byte flipped in it does not verify
+        flipped = Path(tempfile.mkdtemp(prefix="flipped-")) / final.name
+        try:
+            shutil.copytree(final, flipped)
+            shard = next(p for p in flipped.iterdir() if p.name.startswith("zero_pp_rank_1_"))
+            data = bytearray(shard.read_bytes())
+            data[len(data) // 2] ^= 0x10
+            shard.write_bytes(bytes(data))
+            assert f"{shard.name} does not match its sha256" in (verify(flipped) or "")
+        finally:
+            shutil.rmtree(flipped.parent, ignore_errors=True)
 
 
 @pytest.mark.parametrize("zero", [0, 2])

@@ -20,6 +20,7 @@ from launcher.checkpoint_manifest import (
     read_manifest,
     resume_problem,
     run_meta,
+    verdicts,
 )
 from launcher.contract import StageLaunch, StageResult
 from launcher.coordinator.signals import Interrupted, StopOnSignal
@@ -225,7 +226,7 @@ def _run_one(
         return done
     check_start(spec, index, prepared[plan.name].vocab_size)  # an earlier stage's export exists by now
     check_resumable(spec, index, plan)
-    launch = StageLaunch.of(spec, index, plan)
+    launch = StageLaunch.of(spec, index, plan, tuple(verdicts()))  # hashed here: not again in rank 0
     stage_dir = launch.paths.stage_dir
     stage_dir.mkdir(parents=True, exist_ok=True)
     print(

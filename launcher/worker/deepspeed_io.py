@@ -20,10 +20,12 @@ def save_checkpoint(
     """Every rank writes its ZeRO shard, the coordinator gets it, then rank 0 commits and prunes.
 
     Each rank writes into `ctx.checkpoint_root` (the stage's folder itself, or under Ray a temporary
-    folder that `ctx.report` uploads into `checkpoints/step_N/`) and hashes what it wrote. Once every
-    rank has reported, rank 0 writes the manifest (every file's size and sha256) into the folder in
-    `checkpoints/`: before that, the folder is not a checkpoint. A failed write (a full disk) raises
-    `RunError`; the older committed checkpoints are untouched.
+    folder that `ctx.report` uploads into `checkpoints/step_N/`) and hashes what it wrote, while it is
+    in the page cache and in parallel with the other ranks. Once every rank has reported, rank 0 writes
+    the manifest (every file's size and sha256) from the gathered digests into the folder in
+    `checkpoints/`, reading no file again (it checks sizes): before that, the folder is not a
+    checkpoint. A failed write (a full disk) raises `RunError`; the older committed checkpoints are
+    untouched.
     """
     root, tag = ctx.checkpoint_root(checkpoints), tag_for(step)
     if ctx.is_main:  # what an interrupted save of this step left (resumed from an older one)
@@ -35,7 +37,9 @@ def save_checkpoint(
         shutil.rmtree(root / tag, ignore_errors=True)
         raise RunError(f"checkpoint at step {step}: writing {root / tag} failed: {exc}") from None
     torch.distributed.barrier()
-    mine = file_digests(root / tag) if ctx.is_main or not ctx.shared_checkpoint_root else {}
+    # In a shared folder a rank hashes the files it wrote (DeepSpeed names each shard by its rank);
+    # in a folder of its own (Ray), every file there.
+    mine = file_digests(root / tag, *((ctx.rank, ctx.world_size) if ctx.shared_checkpoint_root else (0, 1)))
     gathered: list[dict[str, Any] | None] = [None] * ctx.world_size
     torch.distributed.all_gather_object(gathered, mine)
     files = {name: entry for part in gathered for name, entry in (part or {}).items()}

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from launcher import atomic
-from launcher.checkpoint_manifest import UNIVERSAL, needs_universal, read_manifest, resume_problem, run_meta
+from launcher.checkpoint_manifest import UNIVERSAL, needs_universal, read_manifest, resume_problem, run_meta, trust
 from launcher.contract import StageLaunch, StageResult
 from launcher.data.tokenizer import load_tokenizer
 from launcher.errors import UserError
@@ -52,6 +52,7 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
     fresh = task.fresh_modules()
     if fresh is not None and ctx.is_main:
         print(f"stage {stage.name}: {paths.start} has no weights for {fresh}; they start from random init", flush=True)
+    trust(launch.checkpoint_verdicts)  # the folders the driver hashed already
     restore = ctx.restore_dir(paths.checkpoints)
     if stage.embedding_init.method == "cooccurrence" and paths.start is None and restore is None:
         line = init_from_corpus(model, stage, paths.data_dir, tokenizer.all_special_ids, spec.seed)
