@@ -108,6 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.coordinator.local import run_local
 
             return run_local(spec, args.stage)
+        from launcher.jobspec.plan import single_host_warning
+
+        warning = single_host_warning(spec, local)
+        if warning is not None:
+            print(warning, flush=True)
         from launcher.coordinator.ray import run_ray
 
         return run_ray(spec, args.stage)

@@ -141,3 +141,21 @@ def test_a_plan_that_does_not_fit_the_gpu_is_refused_with_what_would_fit() -> No
         "validate", str(TINY), *args, "cluster.gpu_memory_gb=16", "stages.0.model.activation_checkpointing=true"
     )
     assert fits.returncode == 0 and ": fits" in fits.stdout, fits.stderr
+
+
+def test_cpu_workers_filling_one_host_for_fine_tuning_are_warned_about(monkeypatch) -> None:
+    """Fine-tuning on CPU workers that take every core of a private Ray's one host: one warning line in the plan."""
+    from launcher.jobspec.plan import single_host_warning
+
+    job = ROOT / "jobs" / "finetune-minilm-rt.yaml"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    spec = load_spec(job, ["cluster.num_workers=2"])
+    assert "2 CPU workers x 1 core(s) on this 2-core host" in (single_host_warning(spec, local=False) or "")
+    assert single_host_warning(spec, local=True) is None
+    assert single_host_warning(load_spec(job, ["cluster.num_workers=2", "cluster.use_gpu=true"]), False) is None
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert single_host_warning(spec, local=False) is None, "2 of 8 cores: the workers leave room"
+    assert single_host_warning(load_spec(job, ["cluster.num_workers=2", "cluster.cpus_per_worker=4"]), False)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert single_host_warning(spec, local=False) is None, "a cluster of unknown hosts"

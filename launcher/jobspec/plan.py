@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -333,6 +334,24 @@ def plan_job(
     ]
 
 
+def single_host_warning(spec: JobSpec, local: bool) -> str | None:
+    """A warning when CPU workers of a fine-tuning job take every core of this one host (a private Ray).
+
+    Each step they all-reduce every gradient with each other and share the cores with Ray, where one
+    process (`--local`) runs the same steps on all the cores with no all-reduce (benchmarks/README.md).
+    """
+    cluster = spec.cluster
+    if local or cluster.use_gpu or cluster.num_workers < 2 or cluster.address or os.environ.get("RAY_ADDRESS"):
+        return None
+    cores = os.cpu_count() or 1
+    if cluster.num_workers * cluster.cpus_per_worker < cores or all(s.task != "classification" for s in spec.stages):
+        return None
+    return (
+        f"warning: {cluster.num_workers} CPU workers x {cluster.cpus_per_worker} core(s) on this {cores}-core host "
+        "fine-tune slower than one process on all its cores: add --local (see benchmarks/README.md)"
+    )
+
+
 def render_plan(spec: JobSpec, plans: list[StagePlan], local: bool) -> str:
     mode = "local (1 process, no Ray)" if local else f"ray ({plans[0].world_size} workers)"
     lines = [
@@ -340,6 +359,9 @@ def render_plan(spec: JobSpec, plans: list[StagePlan], local: bool) -> str:
         f"deepspeed: zero_stage {spec.deepspeed.zero_stage}, offload_optimizer {spec.deepspeed.offload_optimizer}, "
         f"offload_param {spec.deepspeed.offload_param}",
     ]
+    warning = single_host_warning(spec, local)
+    if warning is not None:
+        lines.append(warning)
     for index, (stage, plan) in enumerate(zip(spec.stages, plans, strict=True)):
         steps = plan.steps if plan.steps is not None else f"{stage.epochs} epoch(s) (steps known after prepare)"
         params = "unknown" if plan.num_params is None else f"{plan.num_params / 1e6:.2f} M"
