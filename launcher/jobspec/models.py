@@ -259,10 +259,8 @@ class DataSpec(Section):
         default=False,
         description="classification: batch documents of similar length together (HF's group_by_length): runs "
         "of 50 global batches of the shuffled order are sorted by length, cut into batches again and visited in a "
-        "shuffled order, so little of each batch is padding (Rotten Tomatoes reviews: 56% of a random batch's "
-        "tokens are real, ~98% grouped). Off by default, as in HF: it kept the MiniLM job's accuracy but cost the "
-        "demo's recipe (a small pre-trained model, lr 5e-4) 4 points (0.7615 -> 0.7205). Packed mlm/clm blocks "
-        "all have seq_len tokens: not for them.",
+        "shuffled order, so little of each batch is padding. Off by default, as in HF. Packed mlm/clm blocks all "
+        "have seq_len tokens: not for them.",
     )
     max_document_bytes: PositiveInt = Field(
         default=16 << 20,
