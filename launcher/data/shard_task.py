@@ -16,11 +16,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from launcher.data.corpus import Chunk, Fields, iter_documents
 from launcher.data.store import ShardWriter
+from launcher.data.token_labels import SentenceEncoder, iter_sentences
 from launcher.errors import UserError
 
 BATCH_BYTES = 1 << 20  # text tokenized per call: large enough for the tokenizer's threads, small in memory
@@ -71,9 +73,13 @@ def caps_reached(remaining: dict[str, int], split: str | None) -> bool:
 
 def split_documents(
     chunk: Chunk, fields: Fields, split: str | None, seed: int, eval_fraction: float
-) -> Iterator[tuple[str, str, int | None]]:
-    """(split, text, label) of the chunk's documents, in order; `split` None draws each one's by `in_eval`."""
-    for text, label in iter_documents(chunk, fields):
+) -> Iterator[tuple[str, str, Any]]:
+    """(split, text, label) of the chunk's documents, in order; `split` None draws each one's by `in_eval`.
+
+    The label is a class id (classification), None (pre-training) or, with `fields.tags` set
+    (token_classification), the sentence's (words, tag ids), its text the words joined by spaces."""
+    documents = iter_sentences(chunk, fields) if fields.tags is not None else iter_documents(chunk, fields)
+    for text, label in documents:
         yield split or ("eval" if in_eval(text, seed, eval_fraction) else "train"), text, label
 
 
@@ -100,6 +106,7 @@ class _Encoder:
         self.job = job
         self.tok = Tokenizer.from_file(job.tokenizer_file)  # encode_batch_fast: no character offsets (unused)
         self.tok.no_padding()
+        self.sentences = SentenceEncoder(self.tok, job.seq_len, job.fields) if job.fields.tags is not None else None
         if job.pack:
             self.tok.no_truncation()
         else:
@@ -167,13 +174,20 @@ def _write(job: ShardJob) -> dict[str, dict]:
     encoder = _Encoder(job)
     out = Path(job.out_dir)
     writers: dict[str, ShardWriter] = {}
-    pending: dict[str, tuple[list[str], list[int | None], list[int]]] = {}
+    pending: dict[str, tuple[list[str], list[Any], list[int]]] = {}
     remaining = dict(job.limits)
 
     def flush(split: str) -> None:
         texts, labels, _ = pending.pop(split)
         if split not in writers:
-            writers[split] = ShardWriter(out, f"{split}.{job.shard:05d}", encoder.dtype, job.fields.label is not None)
+            writers[split] = ShardWriter(
+                out, f"{split}.{job.shard:05d}", encoder.dtype, job.fields.label is not None,
+                token_labelled=encoder.sentences is not None,
+            )  # fmt: skip
+        if encoder.sentences is not None:
+            tokens, lengths, token_labels = encoder.sentences.encode(labels, encoder.dtype)
+            writers[split].add(tokens, lengths, token_labels=token_labels)
+            return
         tokens, lengths = encoder.encode(texts)
         writers[split].add(tokens, lengths, None if job.fields.label is None else [int(x) for x in labels])  # type: ignore[arg-type]
 

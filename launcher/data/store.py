@@ -2,7 +2,9 @@
 
 A shard is what one preparation task wrote: `<split>.<k>.tokens.bin` (raw tokens in the smallest
 unsigned dtype that holds the vocabulary), `<split>.<k>.ends.npy` (int64 end of each document in
-the shard's stream) and, for classification, `<split>.<k>.labels.npy`. `meta.json` lists the
+the shard's stream) and, for classification, `<split>.<k>.labels.npy`; token_classification adds
+`<split>.<k>.token_labels.bin` (int16, one label per token, aligned with the tokens, -100 where the
+loss ignores a token), memory-mapped like the tokens. `meta.json` lists the
 shards in corpus order; a split's stream is their concatenation. Only the shard list (O(shards))
 is held in memory; tokens and document ends are memory-mapped when read.
 
@@ -22,6 +24,7 @@ from typing import IO, Any
 import numpy as np
 
 META_FILE = "meta.json"
+TOKEN_LABELS = "token_labels.bin"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -41,16 +44,31 @@ class ShardInfo:
 class ShardWriter:
     """Appends tokenized documents to one shard; nothing but the document ends stays in memory."""
 
-    def __init__(self, directory: Path, name: str, dtype: np.dtype, labelled: bool) -> None:
+    def __init__(
+        self, directory: Path, name: str, dtype: np.dtype, labelled: bool, token_labelled: bool = False
+    ) -> None:
         self.directory, self.name, self.dtype = directory, name, dtype
         self.stream: IO[bytes] = (directory / f"{name}.tokens.bin").open("wb")
+        self.token_labels: IO[bytes] | None = (
+            (directory / f"{name}.{TOKEN_LABELS}").open("wb") if token_labelled else None
+        )
         self.lengths: list[np.ndarray] = []
         self.labels: list[int] | None = [] if labelled else None
         self.num_docs = self.num_tokens = 0
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray, labels: list[int] | None = None) -> None:
-        """`tokens`: the documents' tokens back to back; `lengths`: each document's token count."""
+    def add(
+        self,
+        tokens: np.ndarray,
+        lengths: np.ndarray,
+        labels: list[int] | None = None,
+        token_labels: np.ndarray | None = None,
+    ) -> None:
+        """`tokens`: the documents' tokens back to back; `lengths`: each document's token count;
+        `token_labels`: a label per token (token_classification)."""
         tokens.astype(self.dtype, copy=False).tofile(self.stream)
+        if self.token_labels is not None:
+            assert token_labels is not None and len(token_labels) == len(tokens), "a label per token"
+            token_labels.astype(np.int16, copy=False).tofile(self.token_labels)
         self.lengths.append(lengths.astype(np.int64, copy=False))
         if self.labels is not None:
             assert labels is not None and len(labels) == len(lengths), "a label per document"
@@ -60,6 +78,8 @@ class ShardWriter:
 
     def close(self) -> ShardInfo:
         self.stream.close()
+        if self.token_labels is not None:
+            self.token_labels.close()
         lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
         np.save(self.directory / f"{self.name}.ends.npy", np.cumsum(lengths, dtype=np.int64))
         if self.labels is not None:
@@ -79,6 +99,7 @@ class TokenStore:
         self._tokens: dict[int, np.ndarray] = {}
         self._ends: dict[int, np.ndarray] = {}
         self._labels: dict[int, np.ndarray] = {}
+        self._token_labels: dict[int, np.ndarray] = {}
 
     @classmethod
     def read(cls, directory: Path, split: str, source: int | None = None) -> TokenStore:
@@ -150,6 +171,25 @@ class TokenStore:
         if k not in self._labels:
             self._labels[k] = np.load(self.directory / f"{self.shards[k].name}.labels.npy", mmap_mode="r")
         return self._labels[k]
+
+    def _shard_token_labels(self, k: int) -> np.ndarray:
+        if k not in self._token_labels:
+            shard = self.shards[k]
+            self._token_labels[k] = np.memmap(
+                self.directory / f"{shard.name}.{TOKEN_LABELS}", dtype=np.int16, mode="r", shape=(shard.num_tokens,)
+            ) if shard.num_tokens else np.zeros(0, dtype=np.int16)  # fmt: skip
+        return self._token_labels[k]
+
+    def token_labels(self, index: int) -> np.ndarray:
+        """Document `index`'s label per token (token_classification), as int64."""
+        k, local = self._locate(index)
+        ends = self._shard_ends(k)
+        start = 0 if local == 0 else int(ends[local - 1])
+        return np.asarray(self._shard_token_labels(k)[start : int(ends[local])], dtype=np.int64)
+
+    @property
+    def has_token_labels(self) -> bool:
+        return bool(self.shards) and (self.directory / f"{self.shards[0].name}.{TOKEN_LABELS}").exists()
 
     def label(self, index: int) -> int:
         k, local = self._locate(index)
@@ -291,3 +331,20 @@ class DocumentDataset:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"input_ids": self.store.doc(index), "label": np.int64(self.store.label(index))}
+
+
+class TaggedDataset:
+    """Token-classification view: sample i is sentence i (already truncated) with a label per token."""
+
+    def __init__(self, store: TokenStore) -> None:
+        assert store.has_token_labels, "token_classification data was prepared without token labels"
+        self.store = store
+
+    def __len__(self) -> int:
+        return self.store.num_docs
+
+    def for_epoch(self, epoch: int) -> TaggedDataset:
+        return self
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"input_ids": self.store.doc(index), "labels": self.store.token_labels(index)}

@@ -243,7 +243,26 @@ class DataSpec(Section):
     )
     text_field: str = Field(default="text", description="Column holding the text (jsonl/csv/parquet).")
     label_field: str = Field(default="label", description="Column holding the label (classification).")
-    labels: list[str] = Field(default_factory=list, description="The label set, in class-id order (classification).")
+    labels: list[str] = Field(
+        default_factory=list,
+        description="The label set, in class-id order (classification); the tag set (token_classification, e.g. "
+        "O, B-PER, I-PER: IOB2 is checked when every tag is O, B-X or I-X).",
+    )
+    tokens_field: str = Field(
+        default="tokens",
+        description="token_classification, jsonl: the field holding a sentence's words (a list); default `tokens`.",
+    )
+    tags_field: str = Field(
+        default="tags",
+        description="token_classification, jsonl: the field holding one tag per word (a list of tag names); "
+        "default `tags`. CoNLL column files (.conll: a word per line, its tag in the last column, blank lines "
+        "between sentences, -DOCSTART- lines skipped) need no field names.",
+    )
+    label_all_subtokens: bool = Field(
+        default=False,
+        description="token_classification: label every sub-token of a word (B-X continued as I-X) instead of its "
+        "first only (the rest ignored by the loss and the metrics, as HF's run_ner.py does); default false.",
+    )
     seq_len: PositiveInt = Field(default=128, description="Tokens per packed block (pre-training) or max length.")
     max_train_samples: PositiveInt | None = Field(
         default=None, description="Use at most this many train documents (the first; per source of a mixture)."
@@ -391,9 +410,10 @@ class StageSpec(Section):
     """One step of the pipeline: a task on a model, trained for `max_steps` or `epochs`."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(description="Stage name; its output folder.")
-    task: Literal["mlm", "clm", "rtd", "classification"] = Field(
+    task: Literal["mlm", "clm", "rtd", "classification", "token_classification"] = Field(
         description="Objective of this stage: masked LM (BERT), causal LM (GPT), replaced-token detection (ELECTRA: "
-        "a small generator and a discriminator trained jointly; the discriminator is exported) or classification."
+        "a small generator and a discriminator trained jointly; the discriminator is exported), classification (a "
+        "label per document) or token_classification (a tag per word: NER, part of speech, chunking)."
     )
     init_from: str | None = Field(
         default=None, description="An earlier stage's name (its exported model) or a local HF model directory."
@@ -450,15 +470,15 @@ class StageSpec(Section):
         # Messages start with the field path relative to the stage; the loader prefixes `stages.<i>.`.
         if self.max_steps is None and self.epochs is None:
             raise ValueError("max_steps: set max_steps or epochs")
-        if self.task == "classification" and len(self.data.labels) < 2:
-            raise ValueError("data.labels: classification needs at least two labels")
+        if self.task in ("classification", "token_classification") and len(self.data.labels) < 2:
+            raise ValueError(f"data.labels: {self.task} needs at least two labels")
         if self.task == "clm" and self.model.family == "bert":
             raise ValueError("model.family: task clm needs a decoder family (gpt2 or llama), not bert")
         if self.data.document_mask and self.task != "clm":
             raise ValueError("data.document_mask: only for task clm (packed causal LM blocks)")
-        if self.data.group_by_length and self.task != "classification":
+        if self.data.group_by_length and self.task not in ("classification", "token_classification"):
             raise ValueError("data.group_by_length: only for classification (packed blocks all have seq_len tokens)")
-        if self.task == "classification" and self.data.sources:
+        if self.task in ("classification", "token_classification") and self.data.sources:
             raise ValueError("data.sources: mixtures are for pre-training (mlm, clm, rtd); use data.train")
         if self.task in ("mlm", "clm", "rtd") and self.data.seq_len < 2:
             raise ValueError(f"data.seq_len: task {self.task} needs blocks of at least 2 tokens")

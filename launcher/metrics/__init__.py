@@ -173,7 +173,9 @@ class MetricsWriter(NullWriter):
         train = ""
         if "train/loss" in scalars:
             train = f" loss {scalars['train/loss']:.4f} tok/s {scalars['train/tokens_per_sec']:,.0f}"
-        evals = "".join(f" {key} {value:.4f}" for key, value in scalars.items() if key.startswith("eval/"))
+        evals = "".join(  # per-type figures (`eval/f1/person`) are for TensorBoard, not this line
+            f" {key} {value:.4f}" for key, value in scalars.items() if key.startswith("eval/") and key.count("/") == 1
+        )
         if self.bar is not None:
             self.bar.n = step
             self.bar.set_postfix_str((train + evals).strip(), refresh=True)

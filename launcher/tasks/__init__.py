@@ -13,12 +13,14 @@ from launcher.tasks.classification import Classification
 from launcher.tasks.clm import CausalLM
 from launcher.tasks.mlm import MaskedLM
 from launcher.tasks.rtd import ReplacedTokenDetection
+from launcher.tasks.token_classification import TokenClassification
 
 TASKS: dict[str, type[Task]] = {
     "mlm": MaskedLM,
     "clm": CausalLM,
     "rtd": ReplacedTokenDetection,
     "classification": Classification,
+    "token_classification": TokenClassification,
 }
 
 __all__ = ["TASKS", "EvalSums", "Task", "build_task"]

@@ -6,7 +6,7 @@ A task never touches DeepSpeed or the rank layout: the loop hands it samples and
 from __future__ import annotations
 
 import math
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -21,19 +21,30 @@ from launcher.models.configs import apply_runtime, hf_config
 
 @dataclass
 class EvalSums:
-    """Additive eval statistics, summed over batches and ranks (`aux_*`: a task's second loss, e.g. rtd's generator)."""
+    """Additive eval statistics, summed over batches and ranks (`aux_*`: a task's second loss, e.g. rtd's generator;
+    `counts`: a task's own fixed-length tally, e.g. token_classification's entities per type)."""
 
     loss_sum: float = 0.0
     count: float = 0.0
     correct: float = 0.0
     aux_loss_sum: float = 0.0
     aux_count: float = 0.0
+    counts: tuple[float, ...] = ()
 
     def __add__(self, other: EvalSums) -> EvalSums:
-        return EvalSums(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
+        scalars = (a + b for a, b in zip(self.values()[:_SCALARS], other.values()[:_SCALARS], strict=True))
+        return EvalSums(*scalars, counts=tuple(a + b for a, b in zip(self.counts, other.counts, strict=True)))
 
     def values(self) -> list[float]:
-        return list(astuple(self))
+        """Every sum as one flat list (what the ranks all-reduce)."""
+        return [getattr(self, f.name) for f in fields(self)[:_SCALARS]] + list(self.counts)
+
+    def with_values(self, values: list[float]) -> EvalSums:
+        """Sums of this shape holding `values` (the all-reduced `values()`)."""
+        return EvalSums(*values[:_SCALARS], counts=tuple(values[_SCALARS:]))
+
+
+_SCALARS = len(fields(EvalSums)) - 1  # every field but `counts`
 
 
 def pad_batch(rows: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,6 +156,10 @@ class Task:
     def num_tokens(self, batch: dict[str, torch.Tensor]) -> int:
         """Real (non-padding) tokens of a collated batch."""
         return int(batch["attention_mask"].sum())
+
+    def empty_sums(self) -> EvalSums:
+        """The sums before the first eval batch; every rank starts from the same shape (`counts` included)."""
+        return EvalSums()
 
     def eval_sums(self, outputs: Any, batch: dict[str, torch.Tensor]) -> EvalSums:
         count = float((batch["labels"] != -100).sum())
