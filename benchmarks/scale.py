@@ -1,22 +1,27 @@
-"""Real model sizes on this machine: one table of presets pre-trained for a few steps under Ray workers.
+"""Real model sizes on this machine: presets pre-trained for a few steps under Ray workers, and what
+activation checkpointing saves.
 
 Run as: python benchmarks/scale.py [--quick] [--workers 2] [--steps 3] [--out runs/scale]
 
-Each row is `launcher run benchmarks/scale.yaml` with overrides (a preset, its task, the ZeRO stage, offload,
-activation checkpointing), then the same command with one more step, which resumes from the row's final
-checkpoint. Per row, from rank 0's `summary.json` and `metrics.jsonl`:
+First, activation memory itself: one forward + backward of a micro-batch of 4 x 512 tokens in a fresh
+process (no DeepSpeed), activation checkpointing off and on: the peak resident memory the step adds beyond
+the gradients, and the time of a step (the second one).
+
+Then one row per configuration: `launcher run benchmarks/scale.yaml` with overrides (a preset, its task,
+the ZeRO stage, offload, activation checkpointing), then the same command with one more step, which resumes
+from the row's final checkpoint. From rank 0's `summary.json` and `metrics.jsonl`:
 
 - tokens/s and MFU of the last logged step (the first one warms up), MFU against the measured peak of the
   dtype that ran;
-- model states: the ZeRO formula's weights + optimizer state per rank (`launcher validate`'s numbers;
-  gradients are allocated at the first backward and so are not in it) against the measured growth of the
-  rank's resident memory from before the model was built to just before step 1;
-- peak RSS of the rank, and what the steps added on top of the built engine: gradients (the formula's)
-  plus activations and allocator slack, shown as "activations" (= peak - after init - gradients);
+- model states: the ZeRO formula's weights + optimizer state per rank (`launcher validate`'s numbers) against
+  the bytes of rank 0's weight, Adam-moment and fp32-master tensors;
+- peak RSS of the rank and the rest beyond its model states (gradients taken from the formula): activations,
+  DeepSpeed's communication buckets, the allocator's slack;
 - checkpoint size on disk, rank 0's save seconds (write, hash, report, commit), resume seconds (load).
 
-`--quick` runs BERT-base alone (checkpointing off and on), the rest adds GPT-2 and SmolLM2-360M (ZeRO-3 with
-optimizer offload) and prints the plan of TinyLlama-1.1B under ZeRO-3 + offload against this machine's memory.
+`--quick` runs BERT-base alone (about 5 minutes on 2 quiet cores); the full run adds GPT-2 and SmolLM2-360M
+(ZeRO-3 with optimizer offload) and prints the plan of TinyLlama-1.1B under ZeRO-3 + offload against this
+machine's memory.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,9 +52,65 @@ QUICK = [
 FULL = [
     *QUICK,
     ("gpt2", "gpt2", "clm", 2, False, False, 1),
-    ("gpt2+ckpt", "gpt2", "clm", 2, False, True, 1),
     ("smollm2-360m z3+off+ckpt", "smollm2-360m", "clm", 3, True, True, 1),
 ]
+
+PROBE = r"""
+import json, resource, sys, time
+from pathlib import Path
+import torch
+from launcher.jobspec.load import load_spec
+from launcher.tasks import build_task
+
+preset, task_name, micro, seq, ckpt = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+spec = load_spec("benchmarks/scale.yaml", [f"stages.0.task={task_name}",
+                 f"stages.0.model={{preset: {preset}, activation_checkpointing: {ckpt}}}"])
+stage = spec.stages[0]
+vocab = stage.tokenizer.vocab_size
+
+class Special:
+    pad_token_id = bos_token_id = eos_token_id = None
+    all_special_ids = []
+    def __len__(self):
+        return vocab
+
+torch.manual_seed(0)
+model = build_task(stage, Special()).build_model(None)  # with the stage's activation checkpointing
+model.train()
+ids = torch.randint(10, vocab, (micro, seq))
+labels = ids.masked_fill(torch.rand(micro, seq) > stage.mask_probability(), -100) if task_name == "mlm" else ids
+batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+def rss():
+    return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+
+def step():
+    model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+
+before = rss()
+step()  # the first step's peak: activations, gradients and the kernels' temporaries
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+start = time.perf_counter()
+step()
+grads = sum(p.numel() * p.element_size() for p in model.parameters())
+print(json.dumps({"activations": peak - before - grads, "step_s": time.perf_counter() - start}))
+"""
+
+
+def probe_activations(preset: str, task: str, micro: int, seq: int) -> None:
+    result = {}
+    for ckpt in ("false", "true"):
+        done = subprocess.run([sys.executable, "-c", PROBE, preset, task, str(micro), str(seq), ckpt], cwd=ROOT,
+                              capture_output=True, text=True, check=False)  # fmt: skip
+        if done.returncode != 0:
+            sys.exit(f"scale: activation probe of {preset} failed:\n{done.stderr[-3000:]}")
+        result[ckpt] = json.loads(done.stdout.strip().splitlines()[-1])
+    off, on = result["false"], result["true"]
+    print(f"activations, {preset} ({task}, micro-batch {micro} x {seq}, fp32, sdpa): checkpointing off "
+          f"{off['activations'] / GiB:.2f} GiB at {off['step_s']:.1f} s/step, on {on['activations'] / GiB:.2f} GiB "
+          f"at {on['step_s']:.1f} s/step: {off['activations'] / max(on['activations'], 1):.1f}x less memory for "
+          f"x{on['step_s'] / off['step_s']:.2f} the time", flush=True)  # fmt: skip
 
 
 def overrides(row: tuple, workers: int, steps: int, out: Path) -> list[str]:
@@ -64,14 +124,12 @@ def overrides(row: tuple, workers: int, steps: int, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def launcher(*args: str) -> float:
+def launcher(*args: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "", "DS_ACCELERATOR": "cpu"}
-    start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, check=False)  # fmt: skip
     if done.returncode != 0:
         sys.exit(f"scale: `launcher {' '.join(args)}` failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return time.perf_counter() - start
 
 
 def measure(row: tuple, workers: int, steps: int, out: Path) -> dict:
@@ -91,40 +149,29 @@ def measure(row: tuple, workers: int, steps: int, out: Path) -> dict:
     launcher("run", JOB, *args[:-1], f"stages.0.max_steps={steps + 1}")  # resumes from the final checkpoint
     resumed = json.loads((stage_dir / "summary.json").read_text())
     assert resumed["resumed_from_step"] == steps, resumed["resumed_from_step"]
-    after_init, peak = summary["memory_after_init_bytes"], summary["peak_memory_bytes"]
+    measured = summary["weight_bytes"] + summary["optimizer_state_bytes"] + summary["fp32_master_bytes"]
     return {
-        "name": row[0], "params": num_params, "zero": row[3], "offload": row[4], "ckpt": row[5],
+        "name": row[0], "params": num_params, "zero": row[3],
         "tokens_per_s": last["train/tokens_per_sec"], "mfu": last["train/mfu"],
-        "states_formula": states["weights"] + states["optimizer"],
-        "states_measured": after_init - summary["memory_before_model_bytes"],
-        "peak_rss": peak, "activations": peak - after_init - states["gradients"],
+        "step_s": plan.tokens_per_step / last["train/tokens_per_sec"],
+        "states_formula": states["weights"] + states["optimizer"], "states_measured": measured,
+        "peak_rss": summary["peak_memory_bytes"],
+        "rest": summary["peak_memory_bytes"] - summary["memory_before_model_bytes"] - measured - states["gradients"],
         "checkpoint_bytes": size, "save_s": summary["checkpoint_save_s"], "resume_s": resumed["checkpoint_load_s"],
-        "step_s": 1.0 / last["train/tokens_per_sec"] * plan.tokens_per_step,
     }  # fmt: skip
 
 
 def print_table(rows: list[dict]) -> None:
     print(
         f"{'row':<26} {'params':>8} {'ZeRO':>4} {'tok/s':>7} {'s/step':>7} {'MFU':>6} {'states formula':>15} "
-        f"{'measured':>9} {'ratio':>6} {'peak RSS':>9} {'activ.':>8} {'ckpt':>8} {'save s':>7} {'resume s':>8}"
+        f"{'measured':>9} {'ratio':>6} {'peak RSS':>9} {'rest':>8} {'ckpt':>8} {'save s':>7} {'resume s':>8}"
     )
     for r in rows:
-        ratio = r["states_measured"] / r["states_formula"]
-        print(
-            f"{r['name']:<26} {r['params'] / 1e6:7.1f}M {r['zero']:>4} {r['tokens_per_s']:7.1f} {r['step_s']:7.1f} "
-            f"{r['mfu']:6.1%} {r['states_formula'] / GiB:11.2f} GiB {r['states_measured'] / GiB:5.2f} GiB "
-            f"{ratio:6.2f} {r['peak_rss'] / GiB:5.2f} GiB {r['activations'] / GiB:4.2f} GiB "
-            f"{r['checkpoint_bytes'] / GiB:4.2f} GiB {r['save_s']:7.1f} {r['resume_s']:8.1f}"
-        )
-    by_name = {r["name"]: r for r in rows}
-    for name, r in by_name.items():
-        if name.endswith("+ckpt") and name.removesuffix("+ckpt") in by_name:
-            plain = by_name[name.removesuffix("+ckpt")]
-            print(
-                f"activation checkpointing, {plain['name']}: activations {plain['activations'] / GiB:.2f} -> "
-                f"{r['activations'] / GiB:.2f} GiB ({plain['activations'] / max(r['activations'], 1):.1f}x less), "
-                f"time per step x{r['step_s'] / plain['step_s']:.2f}"
-            )
+        print(f"{r['name']:<26} {r['params'] / 1e6:7.1f}M {r['zero']:>4} {r['tokens_per_s']:7.1f} {r['step_s']:7.1f} "
+              f"{r['mfu']:6.1%} {r['states_formula'] / GiB:11.2f} GiB {r['states_measured'] / GiB:5.2f} GiB "
+              f"{r['states_measured'] / r['states_formula']:6.2f} {r['peak_rss'] / GiB:5.2f} GiB "
+              f"{r['rest'] / GiB:4.2f} GiB {r['checkpoint_bytes'] / GiB:4.2f} GiB {r['save_s']:7.1f} "
+              f"{r['resume_s']:8.1f}")  # fmt: skip
 
 
 def plan_only(preset: str, workers: int) -> None:
@@ -144,16 +191,23 @@ def plan_only(preset: str, workers: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="BERT-base alone (about 5 minutes on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="BERT-base alone (about 5 minutes on 2 quiet cores)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scale")
     args = parser.parse_args()
+    probe_activations("bert-base", "mlm", 4, 512)
+    if not args.quick:
+        probe_activations("gpt2", "clm", 4, 512)
     rows = []
     for row in QUICK if args.quick else FULL:
         rows.append(measure(row, args.workers, args.steps, args.out))
         print(f"scale: {row[0]} done", file=sys.stderr, flush=True)
     print_table(rows)
+    print(
+        "states: rank 0's weights + optimizer state (Adam moments, fp32 master), the ZeRO formula against the "
+        "tensors' bytes; rest: peak RSS - RSS before the model - model states (gradients from the formula)"
+    )
     if not args.quick:
         plan_only("tinyllama-1.1b", args.workers)
 

@@ -1,4 +1,4 @@
-"""Command line: `launcher validate|prepare|run|slurm JOB.yaml [key=value ...]`, `launcher workers N G`.
+"""Command line: `launcher validate|prepare|run|slurm|predict JOB.yaml [key=value ...]`, `launcher workers N G`.
 
 Run as: launcher run jobs/demo.yaml --local
 Thin: parses arguments and calls the spec, data and coordinator layers. User errors exit 2 with one
@@ -32,6 +32,20 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--local", action="store_true", help="one process, one device, no Ray")
         if name == "run":
             command.add_argument("--stage", metavar="NAME", help="run only this stage (what it reads must be done)")
+    predict = commands.add_parser(
+        "predict",
+        help="run a stage's export over files of new text (Ray Data on a cluster, one process with --local)",
+        description="Writes one file per input (same name and format: jsonl, csv or parquet) under --output: "
+        "the input's rows in order with predicted_label, predicted_score and score_<label> columns.",
+    )
+    predict.add_argument("spec", help="job spec YAML file, or an exported model folder")
+    predict.add_argument("overrides", nargs="*", help="dotted overrides of the job spec, e.g. cluster.num_workers=4")
+    predict.add_argument("--stage", metavar="NAME", help="the stage whose export predicts (default: the last "
+                         "classification stage)")  # fmt: skip
+    predict.add_argument("--input", required=True, metavar="FILE_OR_GLOB", help="jsonl, csv or parquet file(s)")
+    predict.add_argument("--output", required=True, metavar="DIR", help="folder for the prediction files")
+    predict.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default 64)")
+    predict.add_argument("--local", action="store_true", help="one process, no Ray")
     workers = commands.add_parser("workers", help="training workers of a SLURM allocation (slurm/ray_job.sh asks)")
     workers.add_argument("nodes", type=int)
     workers.add_argument("gpus_per_node", type=int)
@@ -69,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from launcher.jobspec.load import load_spec
 
+        if args.command == "predict":
+            from launcher.coordinator.predict import resolve_request, run_predict
+
+            if args.batch_size < 1:
+                raise UserError(f"--batch-size: {args.batch_size} is not a positive number")
+            request = resolve_request(args.spec, args.overrides, args.stage, args.input, args.output, args.batch_size)
+            return run_predict(request, args.local)
         spec = load_spec(args.spec, args.overrides)
         if args.command == "slurm":
             return _slurm(spec, args)

@@ -101,6 +101,7 @@ class StageResult:
     memory_after_init_bytes: int = 0  # the rank's memory once model, engine and optimizer are built (before step 1)
     checkpoint_save_s: float = 0.0  # rank 0's time in saving checkpoints (write, hash, report, commit)
     checkpoint_load_s: float = 0.0  # the rank's time loading the checkpoint it resumed from
+    weight_bytes: int = 0  # rank 0's weights (its partition under ZeRO-3)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,6 +12,7 @@ last committed checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -20,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,10 +162,13 @@ def prepare_on_cluster(spec: JobSpec, address: str) -> None:
         ray.shutdown()
 
 
-def run_ray(spec: JobSpec, only: str | None = None) -> int:
-    from launcher.coordinator.driver import EXIT_STOPPED, run_job
+@contextlib.contextmanager
+def ray_session(spec: JobSpec, run_ends_well: Callable[[], bool] = lambda: True) -> Iterator[str | None]:
+    """Ray for this command: the cluster RAY_ADDRESS or `cluster.address` names, else a private one on
+    loopback with a token of its own, shut down (and its folder removed) on the way out. Yields the
+    address joined, or None for a private cluster. A private cluster's logs are kept when the body
+    fails other than by a user error or a stop on request, or when `run_ends_well()` says no."""
     from launcher.coordinator.signals import Interrupted
-    from launcher.data.prepare import run_jobs_locally, run_jobs_on_ray
 
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -181,13 +186,10 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
         # Nor is there a metrics endpoint anyone scrapes (TensorBoard is the monitor): no Train metrics.
         os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets: loopback, like the rest
-    # Ray Train and torch under it (~1.5 s) import while Ray starts, not after the data check.
-    threading.Thread(target=importlib.import_module, args=("ray.train.torch",), daemon=True).start()
     import ray
 
     if private is not None:
         bind_to_loopback()
-
     keep_logs = True  # unless the run ends well, or on a user error (nothing of Ray's to look at)
     try:
         if address:
@@ -201,13 +203,8 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
                 log_to_driver=True,
                 _temp_dir=str(private / "ray"),
             )
-        stage_runner = functools.partial(run_stage_ray, private=private is not None)
-        # On a cluster, data preparation fans out as Ray Data tasks over its nodes; a private
-        # Ray is this one machine, where worker processes do the same with less start-up.
-        run_jobs = run_jobs_on_ray if address else run_jobs_locally
-        code = run_job(spec, local=False, run_stage=stage_runner, only=only, run_jobs=run_jobs)
-        keep_logs = code not in (0, EXIT_STOPPED)
-        return code
+        yield address
+        keep_logs = not run_ends_well()
     except (UserError, Interrupted):  # nothing of Ray's to look at; stopped at once on request
         keep_logs = False
         raise
@@ -215,6 +212,22 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
         ray.shutdown()
         if private is not None:
             _remove_private(private, keep_logs)
+
+
+def run_ray(spec: JobSpec, only: str | None = None) -> int:
+    from launcher.coordinator.driver import EXIT_STOPPED, run_job
+    from launcher.data.prepare import run_jobs_locally, run_jobs_on_ray
+
+    # Ray Train and torch under it (~1.5 s) import while Ray starts, not after the data check.
+    threading.Thread(target=importlib.import_module, args=("ray.train.torch",), daemon=True).start()
+    codes: list[int] = []
+    with ray_session(spec, run_ends_well=lambda: codes[-1] in (0, EXIT_STOPPED)) as address:
+        stage_runner = functools.partial(run_stage_ray, private=address is None)
+        # On a cluster, data preparation fans out as Ray Data tasks over its nodes; a private
+        # Ray is this one machine, where worker processes do the same with less start-up.
+        run_jobs = run_jobs_on_ray if address else run_jobs_locally
+        codes.append(run_job(spec, local=False, run_stage=stage_runner, only=only, run_jobs=run_jobs))
+    return codes[-1]
 
 
 def bind_to_loopback() -> None:

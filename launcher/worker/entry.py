@@ -147,7 +147,8 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
 
 
 def optimizer_state_bytes(engine: Any) -> dict[str, int]:
-    """This rank's measured optimizer memory: Adam's moments, and the fp32 master partition ZeRO keeps."""
+    """This rank's measured model states but gradients: Adam's moments, the fp32 master partition ZeRO keeps,
+    and the weights."""
 
     def nbytes(tensors: Any) -> int:
         return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t) and t.dim() > 0)
@@ -162,7 +163,9 @@ def optimizer_state_bytes(engine: Any) -> dict[str, int]:
         f"{type(wrapper).__name__} has none of {names}: DeepSpeed renamed its fp32 partitions (checked with 0.19.8)"
     )
     master = sum(nbytes(getattr(wrapper, name, None) or []) for name in names)
-    return {"optimizer_state_bytes": moments, "fp32_master_bytes": master}
+    # This rank's weights: ZeRO-3 keeps a partition of each parameter (`ds_tensor`), the others keep all of it.
+    weights = nbytes(getattr(p, "ds_tensor", p) for p in engine.module.parameters())
+    return {"optimizer_state_bytes": moments, "fp32_master_bytes": master, "weight_bytes": weights}
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -1,0 +1,84 @@
+"""The model side of `launcher predict`: a sequence-classification export over a DataFrame of text.
+
+One object per process (`--local`) or per Ray Data actor (`map_batches(TextClassifier, ...)`): it loads
+the export once and adds to each batch of rows the predicted label, its probability and every label's.
+Rows are run in order of their tokenized length, in sub-batches of `batch_size`, so little of each
+forward pass is padding; the results go back to the rows' own order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LABEL_COLUMN = "predicted_label"
+SCORE_COLUMN = "predicted_score"
+SCORE_PREFIX = "score_"  # one column per label: score_<label name>
+
+
+class MissingText(ValueError):
+    """A row of the input has no text in the text field (`row`: its 0-based position in the batch)."""
+
+    def __init__(self, row: int, field: str) -> None:
+        super().__init__(f"no text in field {field!r}")
+        self.row, self.field = row, field
+
+
+class TextClassifier:
+    """Callable on a pandas DataFrame; returns it with the prediction columns added."""
+
+    def __init__(self, model_dir: str, text_field: str, batch_size: int = 64, max_length: int | None = None) -> None:
+        import transformers
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        transformers.logging.set_verbosity_error()  # the console is for the command's own lines
+        transformers.utils.logging.disable_progress_bar()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
+        config = self.model.config
+        self.labels = [str(config.id2label[i]) for i in range(config.num_labels)]
+        self.text_field, self.batch_size = text_field, batch_size
+        # As `pipeline(..., truncation=True)`: the tokenizer's own limit, unless the stage's seq_len is known.
+        limit = min(self.tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or 1 << 30)
+        self.max_length = min(max_length or limit, limit)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @staticmethod
+    def architecture_ok(model_dir: Path) -> bool:
+        import json
+
+        architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+        return any(name.endswith("ForSequenceClassification") for name in architectures)
+
+    def __call__(self, frame: Any) -> Any:
+        if self.text_field not in frame.columns:
+            raise MissingText(0, self.text_field)
+        texts = frame[self.text_field].tolist()
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise MissingText(i, self.text_field)
+        probabilities = self.predict(texts)
+        out = frame.copy()
+        best = probabilities.argmax(axis=1)
+        out[LABEL_COLUMN] = [self.labels[i] for i in best]
+        out[SCORE_COLUMN] = probabilities[np.arange(len(best)), best]
+        for i, label in enumerate(self.labels):
+            out[SCORE_PREFIX + label] = probabilities[:, i]
+        return out
+
+    def predict(self, texts: list[str]) -> np.ndarray:
+        """Class probabilities, one row per text, computed in length-sorted sub-batches."""
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
+        order = np.argsort([len(ids) for ids in encoded], kind="stable")
+        result = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
+                logits = self.model(**batch).logits.float()
+                result[rows] = logits.softmax(-1).numpy()
+        return result
