@@ -12,6 +12,7 @@ Every byte is hashed once per save and once per resume: each rank hashes the fil
 after writing them (from the page cache, its files in parallel threads, the ranks in parallel), rank 0
 writes the manifest from the gathered digests after checking only sizes, and at resume the driver's
 verdict travels with the launch (`verdicts` / `trust`) so that rank 0 does not hash the same folder again.
+The universal copy that the driver writes for another worker count (`universal/`) is committed the same way.
 """
 
 from __future__ import annotations
@@ -104,20 +105,27 @@ def verify(folder: Path) -> str | None:
     meta = read_manifest(folder)
     if meta is None:
         return "no manifest (an interrupted save)"
-    files = meta["files"]
+    key = _stat_key(folder, meta["files"])
+    if isinstance(key, str):
+        return key
+    if key not in _verified:
+        _verified[key] = _check_files(folder, meta["files"])
+    return _verified[key]
+
+
+def _stat_key(folder: Path, files: dict[str, dict[str, Any]]) -> tuple[Any, ...] | str:
+    """The folder as hashed (its path, its manifest's and files' sizes and modification times), or why its
+    files cannot match the manifest (cheap: before any hashing)."""
     stats = []
     for name in sorted(files):
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
         stat = path.stat()
-        if stat.st_size != files[name]["size"]:  # cheap: before any hashing
+        if stat.st_size != files[name]["size"]:
             return f"{name} has {stat.st_size} bytes, the manifest says {files[name]['size']}"
         stats.append((name, stat.st_size, stat.st_mtime_ns))
-    key = (str(folder.resolve()), (folder / MANIFEST_FILE).stat().st_mtime_ns, tuple(stats))
-    if key not in _verified:
-        _verified[key] = _check_files(folder, files)
-    return _verified[key]
+    return (str(folder.resolve()), (folder / MANIFEST_FILE).stat().st_mtime_ns, tuple(stats))
 
 
 def _check_files(folder: Path, files: dict[str, dict[str, Any]]) -> str | None:
@@ -197,11 +205,14 @@ def convert_to_universal(path: Path) -> Path:
     """Write DeepSpeed's universal (world-size independent) copy of a checkpoint into `path/universal`.
 
     Runs DeepSpeed's own converter in a subprocess (the driver never imports DeepSpeed); the copy
-    is written beside and renamed into place, so an interrupted conversion is simply redone.
+    is written beside, gets a manifest of its own (its files are pickles too: the ranks verify them
+    before loading) and is renamed into place, so an interrupted conversion is simply redone, as is
+    a copy that no longer verifies. Its digests are taken as it is written: the driver does not read it again.
     """
     out = path / UNIVERSAL
-    if (out / "zero").is_dir():
+    if verify(out) is None:
         return out
+    shutil.rmtree(out, ignore_errors=True)
     partial = path / f"{UNIVERSAL}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     command = [
@@ -215,7 +226,13 @@ def convert_to_universal(path: Path) -> Path:
         raise UserError(f"{path}: DeepSpeed could not convert this checkpoint to its universal format: {last}")
     for states in path.glob("mp_rank_*_model_states.pt"):  # weights, scheduler and client state
         shutil.copy2(states, partial / states.name)
+    files = file_digests(partial)
+    saved = read_manifest(path)
+    commit(partial, saved["step"] if saved else -1, {"universal_of": path.name}, files)
     os.replace(partial, out)
+    key = _stat_key(out, files)
+    assert not isinstance(key, str), f"{out}: {key}"
+    _verified[key] = None  # hashed as written, just now
     return out
 
 

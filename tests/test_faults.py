@@ -73,6 +73,36 @@ def test_a_verdict_handed_on_covers_only_the_files_as_they_were_hashed(tmp_path:
     assert "model.pt does not match its sha256" in rules.verify(four)
 
 
+def test_the_universal_copy_has_a_manifest_and_is_converted_again_when_it_no_longer_verifies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeepSpeed's converter (a stand-in here) writes pickles too: the copy is committed like a checkpoint,
+    hashed as written (not read again in this process), and a flipped byte in it means a new conversion."""
+    conversions = []
+
+    def convert(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        out = Path(command[command.index("--output_folder") + 1])
+        (out / "zero" / "weight").mkdir(parents=True)
+        (out / "zero" / "weight" / "fp32.pt").write_bytes(b"whole tensor %d" % len(conversions))
+        conversions.append(out)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(rules.subprocess, "run", convert)
+    four = _committed(tmp_path, 4)
+    monkeypatch.setattr(rules, "_check_files", lambda *args: pytest.fail("hashed again"))
+    universal = rules.convert_to_universal(four)
+    assert rules.verify(universal) is None and rules.read_manifest(universal)["step"] == 4
+    assert set(rules.read_manifest(universal)["files"]) == {"zero/weight/fp32.pt"}
+    assert rules.convert_to_universal(four) == universal and len(conversions) == 1, "a verified copy is kept"
+    monkeypatch.undo()
+    monkeypatch.setattr(rules.subprocess, "run", convert)
+    fp32 = universal / "zero" / "weight" / "fp32.pt"
+    fp32.write_bytes(fp32.read_bytes().replace(b"whole", b"whale"))
+    assert "does not match its sha256" in rules.verify(universal)
+    assert rules.convert_to_universal(four) == universal and len(conversions) == 2
+    assert rules.verify(universal) is None and fp32.read_bytes() == b"whole tensor 1"
+
+
 def test_each_rank_hashes_the_shards_it_wrote_and_together_every_file(tmp_path: Path) -> None:
     """In a folder that every rank writes into, DeepSpeed names each rank's shards; other files are rank 0's."""
     folder = tmp_path / "step"

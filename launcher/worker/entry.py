@@ -17,7 +17,15 @@ import torch
 import yaml
 
 from launcher import atomic
-from launcher.checkpoint_manifest import UNIVERSAL, needs_universal, read_manifest, resume_problem, run_meta, trust
+from launcher.checkpoint_manifest import (
+    UNIVERSAL,
+    needs_universal,
+    read_manifest,
+    resume_problem,
+    run_meta,
+    trust,
+    verify,
+)
 from launcher.contract import StageLaunch, StageResult
 from launcher.data.tokenizer import load_tokenizer
 from launcher.errors import UserError
@@ -71,8 +79,11 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
             raise UserError(f"stages.{index}: {problem}")
         universal = needs_universal(saved, meta)
         if universal:
-            if not (restore / UNIVERSAL).is_dir():
-                raise UserError(f"stages.{index}: {restore} has no universal copy yet; run the same command again")
+            problem = verify(restore / UNIVERSAL)  # the driver's verdict (trusted above), or hashed here
+            if problem is not None:
+                raise UserError(
+                    f"stages.{index}: {restore}'s universal copy: {problem}; run the same command again to convert it"
+                )
             ds_config["checkpoint"] = {"load_universal": True}
     engine = build_engine(model, ds_config, stage, plan.steps, ctx.device, spec.cluster.collective_timeout_s)
     if stage.model.compile:
