@@ -168,15 +168,16 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return None
 
 
-def prune(checkpoints: Path, keep: int) -> None:
-    """Keep the newest `keep` committed checkpoints; remove older ones and uncommitted leftovers older
-    than the newest committed one (a folder newer than it may still be being written)."""
+def prune(checkpoints: Path, keep: int, protect: int | None = None) -> None:
+    """Keep the newest `keep` committed checkpoints and the one of step `protect` (the best so far); remove
+    older ones and uncommitted leftovers older than the newest committed one (a folder newer than it may
+    still be being written)."""
     committed = [f for f in _folders(checkpoints) if read_manifest(f) is not None]
     if not committed:
         return
     for folder in _folders(checkpoints):
         stale = folder not in committed[:keep] if folder in committed else folder.name < committed[0].name
-        if stale:
+        if stale and (protect is None or folder.name != tag_for(protect)):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -12,6 +12,7 @@ import os
 import sys
 
 from launcher.errors import RunError, UserError
+from launcher.hooks import VERBOSE_ENV
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--local", action="store_true", help="one process, one device, no Ray")
         if name == "run":
             command.add_argument("--stage", metavar="NAME", help="run only this stage (what it reads must be done)")
+            command.add_argument(
+                "--verbose", action="store_true",
+                help="also show Ray's, DeepSpeed's and the libraries' own lines (else in logs/ and Ray's log files)",
+            )  # fmt: skip
     predict = commands.add_parser(
         "predict",
         help="run a stage's export over files of new text (Ray Data on a cluster, one process with --local)",
@@ -76,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     if any("=" not in item or item.startswith("-") for item in extra):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides += extra
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from launcher.coordinator.signals import Interrupted

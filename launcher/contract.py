@@ -102,6 +102,8 @@ class StageResult:
     checkpoint_save_s: float = 0.0  # rank 0's time in saving checkpoints (write, hash, report, commit)
     checkpoint_load_s: float = 0.0  # the rank's time loading the checkpoint it resumed from
     weight_bytes: int = 0  # rank 0's weights (its partition under ZeRO-3)
+    best: dict[str, Any] | None = None  # with `best_metric`: {"metric", "value", "step"} of the exported checkpoint
+    early_stopped_at: int | None = None  # the step `early_stopping_patience` ended the stage at
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

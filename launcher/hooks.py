@@ -20,7 +20,14 @@ STOP_FILE_ENV = "LAUNCHER_STOP_FILE"  # another stop file, for whoever started t
 TRACE_SAMPLES_ENV = "LAUNCHER_TRACE_SAMPLES"  # a folder: each rank appends the sample ids it trains on
 HANG_AT_STEP_ENV = "LAUNCHER_HANG_AT_STEP"  # test hook, "RANK:STEP": that rank sleeps inside that step for good
 
-LOOP_ENV = (STOP_AFTER_STEP_ENV, STOP_FILE_ENV, TRACE_SAMPLES_ENV, HANG_AT_STEP_ENV)
+# `launcher run --verbose`: the libraries' own progress lines (Ray's per-report and per-checkpoint lines,
+# DeepSpeed's op builds) on the console too; without it they go only to Ray's and the stage's log files.
+VERBOSE_ENV = "LAUNCHER_VERBOSE"
+LOOP_ENV = (STOP_AFTER_STEP_ENV, STOP_FILE_ENV, TRACE_SAMPLES_ENV, HANG_AT_STEP_ENV, VERBOSE_ENV)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV) == "1"
 
 
 @dataclass(frozen=True)

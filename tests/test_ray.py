@@ -59,7 +59,20 @@ def zero_runs(head: RayHead, tmp_path_factory) -> dict[int, Path]:
         result = run_cli("run", *args, *PRETRAIN, f"output_dir={out}",
                          env=on(head, LAUNCHER_TRACE_SAMPLES=str(out / "trace")))  # fmt: skip
         assert_ok(result)
+        (out / "console.txt").write_text(result.stdout + result.stderr)
     return runs
+
+
+def test_the_console_shows_the_launchers_lines_and_the_libraries_go_to_logs(zero_runs) -> None:
+    """Ray Train's per-report, per-checkpoint and process-group lines and DeepSpeed's op builds stay off the
+    console by default: Ray keeps its own in its log files, the launcher the others in the stage's logs/."""
+    console = (zero_runs[2] / "console.txt").read_text()
+    assert "[pretrain] step" in console
+    for noise in ("Reporting training result", "Checkpoint successfully created", "built successfully",
+                  "Setting up process group", "Started training worker group"):  # fmt: skip
+        assert noise not in console, noise
+    logs = zero_runs[2] / "tiny" / "pretrain" / "logs"
+    assert "built successfully" in (logs / "rank0.log").read_text() + (logs / "rank1.log").read_text()
 
 
 def test_prepare_on_a_cluster_runs_ray_data_tasks_that_match_the_local_result(head: RayHead, tmp_path) -> None:
@@ -108,6 +121,9 @@ def test_trainer_starts_no_ray_data_actor_and_private_one_no_placement_group_cle
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     assert hasattr(DataParallelTrainer, "_register_sigint_handler"), "Ray Train renamed it (checked with 2.60.0)"
+    from launcher.coordinator.ray import quiet_train_reports
+
+    quiet_train_reports()  # Ray Train's worker-context logger, a private module: fails loudly if it moved
     assert trainer_class(False)._register_sigint_handler is not DataParallelTrainer._register_sigint_handler
 
 

@@ -8,6 +8,7 @@ import transformers
 
 from launcher.models.sparse_mlm import BertForMaskedLM
 from launcher.tasks.base import pad_batch as _pad
+from tests.conftest import TINY
 
 
 def test_sparse_mlm_matches_stock_bert() -> None:
@@ -81,3 +82,40 @@ def test_document_mask_keeps_attention_inside_each_packed_document(tmp_path) -> 
         "run", job, "--local", f"output_dir={tmp_path / 'run'}", "stages.0.data.document_mask=true", *small
     )
     assert_ok(result)
+
+
+def test_classification_metrics_equal_scikit_learns() -> None:
+    """Accuracy, macro-F1, per-label precision / recall / F1 and the confusion matrix from sums added over two
+    batches (as over ranks) equal scikit-learn's on the concatenated predictions; a label never predicted scores 0."""
+    from types import SimpleNamespace
+
+    import torch
+    from sklearn.metrics import confusion_matrix, f1_score, precision_recall_fscore_support
+
+    from launcher.jobspec.load import load_spec
+    from launcher.tasks import build_task
+
+    spec = load_spec(TINY, ["stages.1.data.labels=[neg,neu,pos]"])
+    task = build_task(spec.stages[1], SimpleNamespace(pad_token_id=0))
+    truth = [[0, 1, 2, 2, 1, 0, 2], [2, 2, 0, 1, 1]]
+    guess = [[0, 2, 2, 2, 1, 0, 0], [2, 0, 0, 0, 2]]
+    sums = task.empty_sums()
+    for true, predicted in zip(truth, guess, strict=True):
+        logits = torch.nn.functional.one_hot(torch.tensor(predicted), 3).float()
+        outputs = SimpleNamespace(logits=logits, loss=torch.tensor(0.5))
+        sums = sums + task.eval_sums(outputs, {"labels": torch.tensor(true)})
+    metrics = task.eval_metrics(sums)
+    y_true, y_pred = [y for batch in truth for y in batch], [y for batch in guess for y in batch]
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1, 2], zero_division=0)
+    assert metrics["accuracy"] == sum(a == b for a, b in zip(y_true, y_pred, strict=True)) / len(y_true)
+    assert abs(metrics["macro_f1"] - f1_score(y_true, y_pred, average="macro", zero_division=0)) < 1e-12
+    for i, name in enumerate(["neg", "neu", "pos"]):
+        assert abs(metrics[f"precision/{name}"] - precision[i]) < 1e-12
+        assert abs(metrics[f"recall/{name}"] - recall[i]) < 1e-12
+        assert abs(metrics[f"f1/{name}"] - f1[i]) < 1e-12
+    matrix = confusion_matrix(y_true, y_pred, labels=[0, 1, 2])
+    assert [[metrics[f"confusion/{a}/{b}"] for b in ("neg", "neu", "pos")] for a in ("neg", "neu", "pos")] == (
+        matrix.tolist()
+    )
+    table = task.metrics_table(metrics)
+    assert table is not None and "macro-F1" in table and table.count("\n") == 4

@@ -85,7 +85,7 @@ def completed_result(spec: JobSpec, plan: StagePlan) -> StageResult | None:
     except (KeyError, TypeError) as exc:
         print(f"warning: {path} lacks {exc} (another launcher version?); the stage runs again to write it")
         return None
-    return result if result.steps >= (plan.steps or 0) else None
+    return result if result.steps >= (plan.steps or 0) or result.early_stopped_at is not None else None
 
 
 def check_resumable(spec: JobSpec, index: int, plan: StagePlan) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import logging
 import os
 import secrets
 import shutil
@@ -27,7 +28,7 @@ from typing import Any
 
 from launcher.contract import StageLaunch, StageResult
 from launcher.errors import RunError, UserError
-from launcher.hooks import LOOP_ENV
+from launcher.hooks import LOOP_ENV, verbose
 from launcher.jobspec.models import JobSpec
 
 # Variables the workers need from the driver's environment (never secrets).
@@ -41,8 +42,23 @@ def _train_worker(config: dict[str, Any]) -> StageResult:
     from launcher.worker.context import ray_context
     from launcher.worker.entry import run_stage
 
+    if not verbose():
+        quiet_train_reports()
+
     launch: StageLaunch = config["launch"]
     return run_stage(launch, ray_context(launch.spec.cluster.use_gpu))
+
+
+def quiet_train_reports() -> None:
+    """Ray Train's "Reporting training result N: TrainingReport(...)" lines, one per rank and checkpoint: its
+    worker context logs them at INFO under the module's file name, outside the `ray.train` logger that
+    `LoggingConfig` sets (a private module, checked with the pinned 2.60.0 by tests/test_ray.py)."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    assert hasattr(context, "logger"), "Ray Train's worker context has no module logger (checked with 2.60.0)"
+    context.logger.setLevel(logging.WARNING)
 
 
 def trainer_class(private: bool) -> type:
@@ -78,7 +94,7 @@ def trainer_class(private: bool) -> type:
 
 
 def run_stage_ray(launch: StageLaunch, private: bool = False) -> StageResult:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
     from launcher.worker.watchdog import hang_report, watchdog_notes
@@ -100,6 +116,9 @@ def run_stage_ray(launch: StageLaunch, private: bool = False) -> StageResult:
             failure_config=FailureConfig(max_failures=cluster.max_failures),
             # Rank 0 prunes after its commit: only committed checkpoints count toward the kept ones.
             checkpoint_config=CheckpointConfig(num_to_keep=None),
+            # Ray Train's per-report, per-checkpoint and worker-group lines: in Ray's log files, on the console
+            # only with --verbose (the launcher prints its own progress).
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
     )
     # Ray Train's own hang detection: its barriers (every `ray.train.report`) give up after this long.
@@ -163,11 +182,14 @@ def prepare_on_cluster(spec: JobSpec, address: str) -> None:
 
 
 @contextlib.contextmanager
-def ray_session(spec: JobSpec, run_ends_well: Callable[[], bool] = lambda: True) -> Iterator[str | None]:
+def ray_session(
+    spec: JobSpec, run_ends_well: Callable[[], bool] = lambda: True, preload: str | None = None
+) -> Iterator[str | None]:
     """Ray for this command: the cluster RAY_ADDRESS or `cluster.address` names, else a private one on
     loopback with a token of its own, shut down (and its folder removed) on the way out. Yields the
     address joined, or None for a private cluster. A private cluster's logs are kept when the body
-    fails other than by a user error or a stop on request, or when `run_ends_well()` says no."""
+    fails other than by a user error or a stop on request, or when `run_ends_well()` says no. `preload`: a
+    module imported in a thread while Ray starts (after the auth variables are set: Ray reads them on import)."""
     from launcher.coordinator.signals import Interrupted
 
     env = {name: os.environ[name] for name in _FORWARDED_ENV if name in os.environ}
@@ -186,14 +208,17 @@ def ray_session(spec: JobSpec, run_ends_well: Callable[[], bool] = lambda: True)
         # Nor is there a metrics endpoint anyone scrapes (TensorBoard is the monitor): no Train metrics.
         os.environ.setdefault("RAY_TRAIN_METRICS_ENABLED", "0")
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's pair sockets: loopback, like the rest
+    if preload is not None:
+        threading.Thread(target=importlib.import_module, args=(preload,), daemon=True).start()
     import ray
 
     if private is not None:
         bind_to_loopback()
+    level = logging.INFO if verbose() else logging.WARNING  # "Started a local Ray instance." and the like
     keep_logs = True  # unless the run ends well, or on a user error (nothing of Ray's to look at)
     try:
         if address:
-            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, logging_level=level)
         else:
             # No dashboard: its processes would share the workers' CPUs, and nobody watches a
             # cluster that lives as long as this command (TensorBoard is the monitor).
@@ -201,6 +226,7 @@ def ray_session(spec: JobSpec, run_ends_well: Callable[[], bool] = lambda: True)
                 include_dashboard=False,
                 runtime_env={"env_vars": env},
                 log_to_driver=True,
+                logging_level=level,
                 _temp_dir=str(private / "ray"),
             )
         yield address
@@ -218,10 +244,9 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
     from launcher.coordinator.driver import EXIT_STOPPED, run_job
     from launcher.data.prepare import run_jobs_locally, run_jobs_on_ray
 
-    # Ray Train and torch under it (~1.5 s) import while Ray starts, not after the data check.
-    threading.Thread(target=importlib.import_module, args=("ray.train.torch",), daemon=True).start()
     codes: list[int] = []
-    with ray_session(spec, run_ends_well=lambda: codes[-1] in (0, EXIT_STOPPED)) as address:
+    # Ray Train and torch under it (~1.5 s) import while Ray starts, not after the data check.
+    with ray_session(spec, lambda: codes[-1] in (0, EXIT_STOPPED), preload="ray.train.torch") as address:
         stage_runner = functools.partial(run_stage_ray, private=address is None)
         # On a cluster, data preparation fans out as Ray Data tasks over its nodes; a private
         # Ray is this one machine, where worker processes do the same with less start-up.

@@ -397,6 +397,18 @@ class ReplacedTokenSpec(Section):
     )
 
 
+def task_metrics(task: str, labels: list[str]) -> list[str]:
+    """The eval metrics a task reports (what `best_metric` may name)."""
+    per_label = [f"{kind}/{label}" for label in labels for kind in ("precision", "recall", "f1")]
+    return {
+        "mlm": ["loss", "perplexity"],
+        "clm": ["loss", "perplexity"],
+        "rtd": ["loss", "accuracy", "generator_loss", "generator_perplexity"],
+        "classification": ["loss", "accuracy", "macro_f1", *per_label],
+        "token_classification": ["loss", "accuracy", "precision", "recall", "f1"],
+    }[task]
+
+
 # Stage fields that moved into a section, and where they went.
 MOVED_FIELDS = {
     "mlm_probability": "mlm.mask_probability (rtd.mask_probability for task rtd)",
@@ -434,7 +446,29 @@ class StageSpec(Section):
     rtd: ReplacedTokenSpec = Field(default_factory=lambda: ReplacedTokenSpec(), description="Settings of task rtd.")
     log_every: PositiveInt = Field(default=10, description="Log train metrics every N steps (and after step 1).")
     eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: only at the end).")
+    eval_every_epochs: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="Evaluate every this many passes over the training set (rounded to whole steps; e.g. 1 for "
+        "once per epoch); with eval_every too, whichever is shorter.",
+    )
     eval_max_batches: PositiveInt | None = Field(default=None, description="Cap on eval batches per evaluation.")
+    best_metric: str | None = Field(
+        default=None,
+        description="The eval metric that chooses the exported model (HF's metric_for_best_model), e.g. "
+        "`accuracy`, `macro_f1`, `f1`, `loss` (an `eval/` prefix is accepted). Every evaluation is then "
+        "checkpointed, the best checkpoint is never pruned, and the stage exports it instead of its last step.",
+    )
+    best_mode: Literal["max", "min"] | None = Field(
+        default=None,
+        description="Whether a larger or a smaller best_metric is better; default min for loss and "
+        "perplexity metrics, max for the rest.",
+    )
+    early_stopping_patience: PositiveInt | None = Field(
+        default=None,
+        description="End the stage after this many evaluations in a row without improving best_metric (the "
+        "summary says where and why it stopped).",
+    )
     checkpoint_every: int = Field(default=0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: PositiveInt = Field(default=2, description="Checkpoints kept on disk (oldest removed).")
 
@@ -488,6 +522,17 @@ class StageSpec(Section):
             if self.init_from is not None or self.model.path is not None:
                 where = "init_from" if self.init_from is not None else "model.path"
                 raise ValueError(f"embedding_init.method: {where} brings trained embeddings; use random")
+        if self.best_metric is not None:
+            known = task_metrics(self.task, self.data.labels)
+            name = self.best_metric.removeprefix("eval/")
+            if name not in known:
+                raise ValueError(f"best_metric: task {self.task} reports no {name!r}; it reports {', '.join(known)}")
+        if self.early_stopping_patience is not None:
+            if self.best_metric is None:
+                raise ValueError("early_stopping_patience: needs best_metric (what must improve)")
+            if not self.eval_every and self.eval_every_epochs is None:
+                raise ValueError("early_stopping_patience: needs evaluations during training (eval_every or "
+                                 "eval_every_epochs)")  # fmt: skip
         for section in ("mlm", "rtd"):
             if section in self.model_fields_set and self.task != section:
                 raise ValueError(f"{section}: settings of task {section}, and this stage's task is {self.task}")

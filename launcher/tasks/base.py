@@ -157,6 +157,10 @@ class Task:
         """Real (non-padding) tokens of a collated batch."""
         return int(batch["attention_mask"].sum())
 
+    def metrics_table(self, metrics: dict[str, float]) -> str | None:
+        """A readable table of the final evaluation for the log (per-label figures), or None."""
+        return None
+
     def empty_sums(self) -> EvalSums:
         """The sums before the first eval batch; every rank starts from the same shape (`counts` included)."""
         return EvalSums()

@@ -15,7 +15,7 @@ from launcher.worker.context import RankContext
 
 def save_checkpoint(
     engine: Any, ctx: RankContext, checkpoints: Path, step: int, client_state: dict[str, Any],
-    meta: dict[str, Any], keep: int, metrics: dict[str, float],
+    meta: dict[str, Any], keep: int, metrics: dict[str, float], protect: int | None = None,
 ) -> Path:  # fmt: skip
     """Every rank writes its ZeRO shard, the coordinator gets it, then rank 0 commits and prunes.
 
@@ -25,7 +25,7 @@ def save_checkpoint(
     the manifest (every file's size and sha256) from the gathered digests into the folder in
     `checkpoints/`, reading no file again (it checks sizes): before that, the folder is not a
     checkpoint. A failed write (a full disk) raises `RunError`; the older committed checkpoints are
-    untouched.
+    untouched. Pruning keeps the newest `keep` and the checkpoint of step `protect` (the best one).
     """
     root, tag = ctx.checkpoint_root(checkpoints), tag_for(step)
     if ctx.is_main:  # what an interrupted save of this step left (resumed from an older one)
@@ -48,7 +48,7 @@ def save_checkpoint(
     path = checkpoints / tag
     if ctx.is_main:
         commit(path, step, meta, files)
-        prune(checkpoints, keep)
+        prune(checkpoints, keep, protect)
     torch.distributed.barrier()
     return path
 

@@ -2,19 +2,50 @@
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import hashlib
+import io
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from launcher.hooks import verbose
 from launcher.jobspec.models import OptimSpec, StageSpec
 
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """What the block prints goes to the stage's log file (`launcher.worker.entry.stage_log`) unless `--verbose`.
+
+    Both `sys.stdout` and `print` itself are swapped for the block: in a Ray Train worker `print` is
+    re-routed past `sys.stdout`, so redirecting the stream alone misses it there.
+    """
+    if verbose():
+        yield
+        return
+    captured = io.StringIO()
+    original = builtins.print
+
+    def to_log(*values: object, sep: str | None = " ", end: str | None = "\n", **_: object) -> None:
+        captured.write((sep or " ").join(str(v) for v in values) + (end if end is not None else "\n"))
+
+    builtins.print = to_log
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        builtins.print = original
+        if captured.getvalue().strip():
+            logging.getLogger("launcher").info(captured.getvalue().strip())
 
 
 def select_accelerator(device: torch.device) -> None:
@@ -75,12 +106,18 @@ def build_engine(  # noqa: ANN201
     from deepspeed.utils import logger as ds_logger
     from transformers import get_scheduler
 
-    ds_logger.setLevel(logging.WARNING)
+    if not verbose():  # DeepSpeed's info lines: in the stage's log file if there is one, not on the console
+        for handler in ds_logger.handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.WARNING)
+        if not any(isinstance(handler, logging.FileHandler) for handler in ds_logger.handlers):
+            ds_logger.setLevel(logging.WARNING)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    deepspeed.init_distributed(
-        dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=collective_timeout_s)
-    )
+    with quiet_stdout():  # DeepSpeed prints its op builds ("... built successfully") on every rank
+        deepspeed.init_distributed(
+            dist_backend="nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=collective_timeout_s)
+        )
 
     def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
         return get_scheduler(
@@ -90,12 +127,13 @@ def build_engine(  # noqa: ANN201
             num_training_steps=total_steps,
         )
 
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=param_groups(model, stage.optim),
-        config=ds_config,
-        lr_scheduler=schedule,
-    )
+    with quiet_stdout():  # it builds DeepSpeed's communication op again where Ray made the process group
+        engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=param_groups(model, stage.optim),
+            config=ds_config,
+            lr_scheduler=schedule,
+        )
     if engine.zero_optimization_stage() == 0 and torch.distributed.get_world_size() == 1:
         skip_single_rank_allreduce(engine)
         clip_single_rank_gradients(engine)

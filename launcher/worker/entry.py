@@ -28,8 +28,8 @@ from launcher.checkpoint_manifest import (
 )
 from launcher.contract import StageLaunch, StageResult
 from launcher.data.tokenizer import load_tokenizer
-from launcher.errors import UserError
-from launcher.hooks import loop_hooks
+from launcher.errors import RunError, UserError
+from launcher.hooks import loop_hooks, verbose
 from launcher.jobspec.deepspeed_config import build_deepspeed_config
 from launcher.jobspec.layout import STOP_FILE
 from launcher.metrics import MetricsWriter, NullWriter, compute_precision, json_safe, matmul_shapes, peak_flops
@@ -46,6 +46,7 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
     """Train the launched stage on this rank; returns its result (`stopped` when asked to stop early)."""
     started = time.perf_counter()
     quiet_libraries()
+    stage_log(launch.paths.stage_dir, ctx.rank)
     spec, index, plan, paths = launch.spec, launch.index, launch.plan, launch.paths
     stage = launch.stage
     assert plan.world_size == ctx.world_size, f"plan is for {plan.world_size} ranks, this run has {ctx.world_size}"
@@ -113,7 +114,7 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
         measure_peak=None if ctx.device.type == "cuda" else lambda: peak_flops(ctx.device, computes_in, shapes)[0],
     )  # fmt: skip
     stopped = False
-    if state.step < plan.steps:
+    if state.step < plan.steps and not state.early_stopped:
         timeout, notes = spec.cluster.step_timeout_s, watchdog_notes(paths.stage_dir)
         loop.watchdog = None if timeout is None else StepWatchdog(timeout, ctx.rank, stage.name, notes)
         try:
@@ -122,6 +123,9 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
             if loop.watchdog is not None:
                 loop.watchdog.stop()
     writer.close()
+    table = task.metrics_table(state.eval) if ctx.is_main and not stopped else None
+    if table is not None:
+        print(f"stage {stage.name}: evaluation at step {state.step}\n{table}", flush=True)
     result = StageResult(
         stage=stage.name,
         task=stage.task,
@@ -145,16 +149,37 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
         process_s=round(time.perf_counter() - started, 3),
         peak_memory_bytes=peak_memory_bytes(ctx.device),
         stopped=stopped,
+        best={"metric": stage.best_metric, "value": state.best_value, "step": state.best_step}
+        if stage.best_metric is not None
+        else None,
+        early_stopped_at=state.step if state.early_stopped else None,
         memory_before_model_bytes=memory_before_model,
         memory_after_init_bytes=memory_after_init,
         checkpoint_save_s=round(loop.checkpoint_s, 3),
         checkpoint_load_s=round(load_s, 3),
     )
     if not stopped:
+        if state.best_step is not None and state.best_step != state.step:
+            restore_best(engine, paths.checkpoints, state.best_step, stage.name)
+            if ctx.is_main:
+                print(f"stage {stage.name}: exporting step {state.best_step}, the best {stage.best_metric} "
+                      f"({state.best_value:.4f}), not the last step {state.step}", flush=True)  # fmt: skip
         export_model(engine, tokenizer, paths.model_dir, ctx.is_main)
         if ctx.is_main:
             atomic.write_json(paths.summary, result.to_json())
     return result
+
+
+def restore_best(engine: Any, checkpoints: Path, step: int, stage_name: str) -> None:
+    """Put the best checkpoint's weights back into the engine before the export (partitioned as they were
+    saved: under ZeRO-3 the export then gathers them one parameter at a time, as it does the last step's)."""
+    from launcher.checkpoint_manifest import tag_for, verify
+
+    path = checkpoints / tag_for(step)
+    problem = verify(path)
+    if problem is not None:
+        raise RunError(f"stage {stage_name}: the best checkpoint (step {step}) does not verify: {problem}")
+    load_checkpoint(engine, path)
 
 
 def optimizer_state_bytes(engine: Any) -> dict[str, int]:
@@ -196,6 +221,27 @@ def memory_bytes(device: torch.device) -> int:
 
     pages = int(Path("/proc/self/statm").read_text().split()[1])
     return pages * resource.getpagesize()
+
+
+def stage_log(stage_dir: Path, rank: int) -> None:
+    """`<stage dir>/logs/rank<N>.log`: the libraries' own lines this rank keeps off the console (DeepSpeed's
+    info lines and op builds, Python warnings), unless `--verbose` shows them on the console instead."""
+    if verbose():
+        return
+    import logging
+
+    folder = stage_dir / "logs"
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / f"rank{rank}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    logging.captureWarnings(True)
+    for name in ("launcher", "py.warnings", "DeepSpeed"):
+        logger = logging.getLogger(name)
+        logger.handlers = [h for h in logger.handlers if not isinstance(h, logging.FileHandler)]
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    for name in ("launcher", "py.warnings"):  # not also to the root logger's console handler (Ray's workers have one)
+        logging.getLogger(name).propagate = False
 
 
 def quiet_libraries() -> None:

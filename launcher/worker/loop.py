@@ -23,7 +23,7 @@ from launcher.data.sampler import StepSampler
 from launcher.errors import RunError
 from launcher.hooks import StepCallback, StopPolicy
 from launcher.jobspec.models import StageSpec
-from launcher.jobspec.plan import StagePlan
+from launcher.jobspec.plan import StagePlan, steps_per_epoch
 from launcher.metrics import NullWriter
 from launcher.tasks import Task
 from launcher.worker.context import RankContext
@@ -43,6 +43,17 @@ class TrainState:
     wall_s: float = 0.0
     last_train_loss: float = float("nan")
     eval: dict[str, float] = field(default_factory=dict)
+    best_value: float | None = None  # `best_metric` at its best evaluation so far, and that step
+    best_step: int | None = None
+    evals_since_best: int = 0
+    early_stopped: bool = False  # ended by `early_stopping_patience` before its last step
+
+
+def best_maximises(metric: str, mode: str | None) -> bool:
+    """`best_mode`, or by the metric's name: losses and perplexities are minimised, the rest maximised."""
+    if mode is not None:
+        return mode == "max"
+    return not metric.removeprefix("eval/").split("/")[-1].endswith(("loss", "perplexity"))
 
 
 def step_seed(seed: int, step: int, index: int, purpose: int) -> int:
@@ -150,6 +161,29 @@ class Loop:
             return float(torch.nn.utils.get_total_norm(grads)) if grads else None
         return None
 
+    def _eval_interval(self) -> int:
+        """Steps between evaluations (0: only at the end): `eval_every`, or `eval_every_epochs` in steps."""
+        stage, plan = self.stage, self.plan
+        intervals = [stage.eval_every] if stage.eval_every else []
+        if stage.eval_every_epochs is not None:
+            per_epoch = steps_per_epoch(len(self.train_set), plan.global_batch_size)
+            intervals.append(max(1, round(stage.eval_every_epochs * per_epoch)))
+        return min(intervals, default=0)
+
+    def _track_best(self, state: TrainState) -> None:
+        """After an evaluation: is `best_metric` better than the best so far? (The same on every rank: the
+        eval sums are all-reduced.)"""
+        name = self.stage.best_metric
+        if name is None:
+            return
+        value = state.eval.get(name.removeprefix("eval/"), math.nan)
+        maximise = best_maximises(name, self.stage.best_mode)
+        better = state.best_value is None or (value > state.best_value if maximise else value < state.best_value)
+        if better and math.isfinite(value):
+            state.best_value, state.best_step, state.evals_since_best = value, state.step, 0
+        else:
+            state.evals_since_best += 1
+
     def evaluate(self) -> dict[str, float]:
         """Every rank evaluates its strided share; all ranks run the same number of batches (ZeRO-3)."""
         size = self.plan.eval_batch_size
@@ -188,6 +222,7 @@ class Loop:
     def _run(self, state: TrainState, sampler: StepSampler) -> tuple[TrainState, bool]:
         stage = self.stage
         assert self.plan.steps is not None
+        eval_interval = self._eval_interval()
         window_losses: list[float] = []
         window_tokens, window_start = 0, time.perf_counter()
         session_start, wall_before = time.perf_counter(), state.wall_s
@@ -250,20 +285,34 @@ class Loop:
                 }
                 window_losses, window_tokens, window_start = [], 0, time.perf_counter()
             paused = time.perf_counter()  # eval and checkpoint time do not count towards tokens/s
-            if (stage.eval_every and state.step % stage.eval_every == 0) or done:
+            evaluated = bool(eval_interval and state.step % eval_interval == 0) or done
+            if evaluated:
                 state.eval = self.evaluate()
                 scalars.update({f"eval/{key}": value for key, value in state.eval.items()})
+                self._track_best(state)
+            patience = stage.early_stopping_patience
+            early = bool(patience and evaluated and not done and state.evals_since_best >= patience)
             if scalars:
                 self.writer.log(state.step, scalars)
                 self.writer.progress(state.step, scalars)
             checkpoint_due = (stage.checkpoint_every and state.step % stage.checkpoint_every == 0) or done
+            checkpoint_due = checkpoint_due or early or (evaluated and stage.best_metric is not None)
+            if early:
+                state.early_stopped = True
+                if self.ctx.is_main:
+                    print(f"stage {stage.name}: early stop at step {state.step}: {stage.best_metric} has not improved "
+                          f"for {patience} evaluations (best {state.best_value:.4f} at step {state.best_step})",
+                          flush=True)  # fmt: skip
             if checkpoint_due or stop:
                 saving = time.perf_counter()
                 save_checkpoint(
                     self.engine, self.ctx, self.checkpoints, state.step, {"train_state": asdict(state)},
                     self.checkpoint_meta, stage.keep_checkpoints, {"step": state.step, "train_loss": train_loss},
+                    protect=state.best_step,
                 )  # fmt: skip
                 self.checkpoint_s += time.perf_counter() - saving
+            if early:
+                return state, False
             self._beat()
             window_start += time.perf_counter() - paused
             if stop and not done:
