@@ -78,7 +78,12 @@ class TextClassifier:
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 rows = order[start : start + self.batch_size]
-                batch = self.tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt")
-                logits = self.model(**batch).logits.float()
+                width = max(len(encoded[i]) for i in rows)
+                ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for j, i in enumerate(rows):
+                    ids[j, : len(encoded[i])] = torch.tensor(encoded[i])
+                    mask[j, : len(encoded[i])] = 1
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
                 result[rows] = logits.softmax(-1).numpy()
         return result
