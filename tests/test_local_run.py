@@ -44,7 +44,13 @@ def test_outputs_follow_the_contract(tiny_run: Path) -> None:
         summary = json.loads((stage_dir / "summary.json").read_text())
         assert summary["stage"] == stage and summary["steps"] == len(records)
         assert summary["tokens"] > 0 and summary["wall_s"] > 0 and math.isfinite(summary["train_loss"])
-        assert set(summary["eval"]) == {"loss", metric}
+        if stage == "pretrain":
+            assert set(summary["eval"]) == {"loss", metric}
+        else:  # classification: macro-F1, per-label precision / recall / F1 and the confusion matrix too
+            per_label = {f"{kind}/{label}" for kind in ("precision", "recall", "f1") for label in ("rotten", "fresh")}
+            confusion = {f"confusion/{a}/{b}" for a in ("rotten", "fresh") for b in ("rotten", "fresh")}
+            assert set(summary["eval"]) == {"loss", metric, "macro_f1"} | per_label | confusion
+            assert sum(summary["eval"][key] for key in confusion) == 64, "every eval review counted once"
         final = stage_dir / "checkpoints" / f"step_{len(records):08d}"
         assert json.loads((final / "launcher.json").read_text())["step"] == len(records), "marked complete"
         assert (stage_dir / "model" / "model.safetensors").is_file()
