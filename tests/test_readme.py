@@ -87,7 +87,7 @@ def test_readme_links_and_jobs_exist() -> None:
 
 
 def _own_data(folder: Path) -> None:
-    """The files the README's job names, from the demo data: a folder of txt, a text,label train and test csv."""
+    """The files the README's job names, from the demo data: a folder of txt, a text,label train and dev csv."""
     demo = ROOT / "data" / "demo"
     corpus = folder / "my-data" / "corpus"
     corpus.mkdir(parents=True)
@@ -96,10 +96,10 @@ def _own_data(folder: Path) -> None:
     for part in range(2):
         (corpus / f"part-{part}.txt").write_text("\n".join(texts[part::2]) + "\n")
     names = {"rotten": "negative", "fresh": "positive"}
-    for split in ("train", "test"):
+    for split, name in (("train", "train"), ("test", "dev")):
         with (demo / f"{split}.csv").open(newline="") as source:
             rows = [(row["text"], names[row["label"]]) for row in itertools.islice(csv.DictReader(source), 64)]
-        with (folder / "my-data" / f"{split}.csv").open("w", newline="") as out:
+        with (folder / "my-data" / f"{name}.csv").open("w", newline="") as out:
             csv.writer(out).writerows([("text", "label"), *rows])
     (folder / "new").mkdir()
     with (folder / "new" / "reviews.csv").open("w", newline="") as out:
