@@ -60,6 +60,7 @@ def test_best_checkpoint_is_exported_kept_and_early_stopping_stops_at_the_right_
     assert "stage finetune: already complete" in again.stdout
 
 
+@pytest.mark.slow  # CLI subprocesses (torch imports): kept out of the quick tier
 def test_best_metric_and_patience_are_checked_against_the_task() -> None:
     out = run_cli("validate", str(TINY), "stages.1.best_metric=eval/f1")
     assert out.returncode == 2 and "stages.1.best_metric: task classification reports no 'f1'; it reports loss" in (

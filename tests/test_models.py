@@ -55,6 +55,7 @@ def test_preset_fields_stay_overridable_and_checked() -> None:
         load_spec(TINY, ["stages.0.task=clm", "stages.0.model={preset: smollm2-135m, num_kv_heads: 2}"])
 
 
+@pytest.mark.slow  # CLI subprocesses (torch imports): kept out of the quick tier
 def test_devices_refused_before_anything_starts() -> None:
     """flash_attention_2 on CPU (or without flash-attn) and compile without a compiler: one line, exit 2."""
     out = run_cli("validate", str(TINY), "stages.0.model.attention=flash_attention_2")

@@ -127,6 +127,7 @@ def test_memory_plan_of_bert_base_against_the_papers_formulas() -> None:
     assert states["optimizer"] == 0 and states["offloaded"] == 12 * psi // 4 and states["weights"] == 2 * psi // 4
 
 
+@pytest.mark.slow  # CLI subprocesses (torch imports): kept out of the quick tier
 def test_a_plan_that_does_not_fit_the_gpu_is_refused_with_what_would_fit() -> None:
     args = ["stages.0.model={preset: bert-large}", "stages.0.tokenizer={}", "stages.0.precision=bf16",
             "stages.0.data.seq_len=512", "stages.0.batch.micro_batch_size=32", "cluster.num_workers=2",

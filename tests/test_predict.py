@@ -85,6 +85,7 @@ def test_predict_on_ray_data_keeps_order_and_equals_local(trained: Path, tmp_pat
     _check_against_pipeline(rows, trained / "tiny" / "finetune" / "model", texts, 32)
 
 
+@pytest.mark.slow  # CLI subprocesses (torch imports): kept out of the quick tier
 def test_predict_user_errors_are_one_line(tmp_path: Path) -> None:
     """A missing text field names the file and line; a folder that is not an export, an unknown stage and a
     stage that has not run are refused before anything loads."""
