@@ -98,7 +98,6 @@ class StageResult:
     peak_memory_bytes: int
     stopped: bool = False
     memory_before_model_bytes: int = 0  # the rank's memory before its model is built
-    memory_after_init_bytes: int = 0  # the rank's memory once model, engine and optimizer are built (before step 1)
     checkpoint_save_s: float = 0.0  # rank 0's time in saving checkpoints (write, hash, report, commit)
     checkpoint_load_s: float = 0.0  # the rank's time loading the checkpoint it resumed from
     weight_bytes: int = 0  # rank 0's weights (its partition under ZeRO-3)

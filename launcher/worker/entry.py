@@ -96,7 +96,6 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
         state = TrainState(**load_checkpoint(engine, restore, universal)["train_state"])
         load_s = time.perf_counter() - loading
     resumed_from_step = None if restore is None else state.step
-    memory_after_init = memory_bytes(ctx.device)
     # MFU against the peak of what runs: the dtype the engine computes in, and on a CPU this model's matmul shapes.
     computes_in = compute_precision(engine.module)
     shapes = matmul_shapes(engine.module, plan.micro_batch_size * plan.seq_len)
@@ -154,7 +153,6 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
         else None,
         early_stopped_at=state.step if state.early_stopped else None,
         memory_before_model_bytes=memory_before_model,
-        memory_after_init_bytes=memory_after_init,
         checkpoint_save_s=round(loop.checkpoint_s, 3),
         checkpoint_load_s=round(load_s, 3),
     )
