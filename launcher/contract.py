@@ -16,6 +16,7 @@ from typing import Any
 from launcher.jobspec import layout
 from launcher.jobspec.models import JobSpec, StageSpec
 from launcher.jobspec.plan import StagePlan
+from launcher.jobspec.start import resolve_start
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class StagePaths:
             checkpoints=layout.checkpoints_dir(spec, stage.name),
             model_dir=layout.model_dir(spec, stage.name),
             summary=layout.summary_path(spec, stage.name),
-            start=layout.start_dir(spec, stage),
+            start=resolve_start(spec, stage).weights,
         )
 
 

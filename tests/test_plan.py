@@ -160,3 +160,51 @@ def test_cpu_workers_filling_one_host_for_fine_tuning_are_warned_about(monkeypat
     assert single_host_warning(load_spec(job, ["cluster.num_workers=2", "cluster.cpus_per_worker=4"]), False)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert single_host_warning(spec, local=False) is None, "a cluster of unknown hosts"
+
+
+def test_a_stage_start_is_resolved_once_for_weights_tokenizer_and_architecture(tmp_path) -> None:
+    """`resolve_start`: the one answer to where a stage's weights, tokenizer and sizes come from."""
+    from launcher.jobspec import layout
+    from launcher.jobspec.start import resolve_start
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    spec = load_spec(
+        TINY,
+        [
+            "stages.0.tokenizer.vocab_size=900",
+            "stages.1.model.hidden_size=64",  # ignored: the sizes are the first stage's of the chain
+            f"stages.1.tokenizer.source={folder}",
+        ],
+    )
+    pretrain, finetune = (resolve_start(spec, stage) for stage in spec.stages)
+    assert (pretrain.kind, pretrain.weights, pretrain.field, pretrain.tokenizer) == ("fresh", None, None, None)
+    assert (pretrain.description, pretrain.ladder_kind, pretrain.dependencies) == (
+        "random initialisation",
+        "scratch",
+        (),
+    )
+    assert (finetune.kind, finetune.stage, finetune.field) == ("stage", "pretrain", "stages.1.init_from")
+    assert finetune.weights == layout.model_dir(spec, "pretrain")
+    assert finetune.tokenizer == folder and finetune.tokenizer_field == "stages.1.tokenizer.source"
+    assert (finetune.model.hidden_size, finetune.model_dir) == (32, None)
+    assert finetune.vocab_size == spec.stages[1].tokenizer.vocab_size  # its own tokenizer.source is a folder
+    assert (finetune.description, finetune.ladder_kind, finetune.dependencies) == (
+        "our pre-training",
+        "ours",
+        ("pretrain",),
+    )
+
+    plain = load_spec(TINY, ["stages.0.tokenizer.vocab_size=900"])
+    inherited = resolve_start(plain, plain.stages[1])
+    assert inherited.vocab_size == 900 and inherited.tokenizer == layout.tokenizer_dir(spec, "pretrain")
+
+    other = load_spec(TINY, [f"stages.1.init_from={folder}"])
+    pretrained = resolve_start(other, other.stages[1])
+    assert (pretrained.kind, pretrained.weights, pretrained.model_dir, pretrained.tokenizer) == (
+        "folder",
+        folder,
+        folder,
+        folder,
+    )
+    assert (pretrained.description, pretrained.ladder_kind) == ("pretrained model", "pretrained")

@@ -30,6 +30,7 @@ from launcher.errors import UserError
 from launcher.jobspec import layout
 from launcher.jobspec.models import JobSpec
 from launcher.jobspec.plan import StagePlan, plan_job
+from launcher.jobspec.start import resolve_start
 from launcher.metrics.ladder import render_ladder
 
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request after a checkpoint; the same command resumes
@@ -110,8 +111,7 @@ def check_resumable(spec: JobSpec, index: int, plan: StagePlan) -> None:
 
 def stage_dependencies(spec: JobSpec, index: int) -> list[str]:
     """Earlier stages whose export or tokenizer this stage reads."""
-    stage = spec.stages[index]
-    return [ref for ref in (stage.init_from, stage.tokenizer.source) if spec.referenced_stage(ref) is not None]
+    return list(resolve_start(spec, spec.stages[index]).dependencies)
 
 
 def select_stage(spec: JobSpec, only: str | None) -> int | None:

@@ -17,16 +17,9 @@ from launcher import atomic
 from launcher.errors import UserError
 from launcher.jobspec import layout
 from launcher.jobspec.models import JobSpec
+from launcher.jobspec.start import resolve_start
 
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-def start_dir(spec: JobSpec, index: int) -> tuple[Path, str] | None:
-    """The folder stage `index` loads its weights from and the field that names it (None: a fresh model)."""
-    stage = spec.stages[index]
-    start = layout.start_dir(spec, stage)
-    field = "model.path" if stage.init_from is None else "init_from"
-    return None if start is None else (start, f"stages.{index}.{field}")
 
 
 def safetensors_problem(path: Path) -> str | None:
@@ -76,11 +69,11 @@ def check_start(spec: JobSpec, index: int, vocab_size: int) -> None:
 
     `vocab_size`: the size of the vocabulary the stage's data was tokenized with.
     """
-    start = start_dir(spec, index)
-    if start is None:
-        return
-    folder, field = start
     stage = spec.stages[index]
+    start = resolve_start(spec, stage)
+    if start.weights is None:
+        return
+    folder, field = start.weights, start.field
     config: Any = atomic.read_json(folder / "config.json")
     if not isinstance(config, dict):
         raise UserError(f"{field}: {folder / 'config.json'} is missing or unreadable")

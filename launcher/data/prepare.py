@@ -44,6 +44,7 @@ from launcher.data.tokenizer import load_tokenizer, separator_id, train_tokenize
 from launcher.errors import UserError
 from launcher.jobspec import layout
 from launcher.jobspec.models import JobSpec, StageSpec
+from launcher.jobspec.start import resolve_start
 
 META_VERSION = 3  # 3: sharded streams in the smallest dtype, documents split by a hash of their text
 MIN_CHUNK_BYTES = 4 << 20
@@ -61,19 +62,6 @@ class PreparedStage:
     vocab_size: int
 
 
-def _tokenizer_origin(spec: JobSpec, stage: StageSpec) -> Path | None:
-    """The directory to copy the tokenizer from, or None to train one on this stage's corpus."""
-    source = stage.tokenizer.source or stage.init_from
-    earlier = spec.referenced_stage(source)
-    if earlier is not None:
-        return layout.tokenizer_dir(spec, earlier.name)
-    if source is not None:
-        return Path(source)
-    if stage.model.path is not None:
-        return Path(stage.model.path)
-    return None
-
-
 def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "missing"
 
@@ -86,7 +74,7 @@ def fingerprint(spec: JobSpec, stage: StageSpec) -> str:
         for path in resolve_files(source.path, source_field(stage, index, i))
     ]
     files += resolve_files(stage.data.eval, f"stages.{index}.data.eval")
-    origin = _tokenizer_origin(spec, stage)
+    origin = resolve_start(spec, stage).tokenizer
     record = {
         "version": META_VERSION,
         "files": [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files],
@@ -210,14 +198,15 @@ def _build_tokenizer(  # noqa: ANN202
     out: Path,
 ):
     stage = spec.stages[index]
-    origin = _tokenizer_origin(spec, stage)
+    start = resolve_start(spec, stage)
+    origin = start.tokenizer
     if origin is None:
         texts = _train_texts(source_chunks, weights, fields, stage, spec.seed, split)
         with tokenizer_threads(True):
             return train_tokenizer(
                 texts, stage.model.family, stage.tokenizer.vocab_size, stage.tokenizer.lowercase, out
             )
-    tok = load_tokenizer(origin, f"stages.{index}.tokenizer.source")
+    tok = load_tokenizer(origin, start.tokenizer_field)
     tok.save_pretrained(str(out))
     return tok
 

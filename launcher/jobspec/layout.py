@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.jobspec.models import JobSpec, StageSpec
+from launcher.jobspec.models import JobSpec
 
 
 def job_dir(spec: JobSpec) -> Path:
@@ -18,16 +18,6 @@ def stage_dir(spec: JobSpec, stage_name: str) -> Path:
 def model_dir(spec: JobSpec, stage_name: str) -> Path:
     """The stage's HF-format export; a later stage's `init_from: <stage>` reads it."""
     return stage_dir(spec, stage_name) / "model"
-
-
-def start_dir(spec: JobSpec, stage: StageSpec) -> Path | None:
-    """Where a stage's weights start: an earlier stage's export, a local model directory, or None (fresh)."""
-    earlier = spec.referenced_stage(stage.init_from)
-    if earlier is not None:
-        return model_dir(spec, earlier.name)
-    if stage.init_from is not None:
-        return Path(stage.init_from)
-    return None if stage.model.path is None else Path(stage.model.path)
 
 
 def data_dir(spec: JobSpec, stage_name: str) -> Path:

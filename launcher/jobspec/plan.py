@@ -12,7 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.jobspec.models import JobSpec, ModelSpec, StageSpec
+from launcher.jobspec.models import JobSpec, StageSpec
+from launcher.jobspec.start import resolve_start
 
 # Bytes per parameter of model states (ZeRO paper, section 3): weights, gradients, Adam state.
 # fp32: 4 + 4 + 8 (exp_avg, exp_avg_sq). Mixed precision: 2 + 2 + 12 (fp32 master + two moments).
@@ -180,10 +181,11 @@ USABLE_GPU_SHARE = 0.9
 
 def _sizes(spec: JobSpec, stage: StageSpec) -> ArchitectureSizes | None:
     """The start model's sizes: the spec's, or the `config.json` of a model folder (bert, gpt2 or llama keys)."""
-    model, directory = architecture(spec, stage)
+    start = resolve_start(spec, stage)
+    model, directory = start.model, start.model_dir
     own = stage.model
     if directory is None:
-        return ArchitectureSizes(model.hidden_size, model.num_layers, model.num_heads, vocab_size(spec, stage),
+        return ArchitectureSizes(model.hidden_size, model.num_layers, model.num_heads, start.vocab_size,
                                  own.attention, own.activation_checkpointing)  # fmt: skip
     try:
         config = json.loads((directory / "config.json").read_text())
@@ -271,22 +273,6 @@ def check_fit(spec: JobSpec, plans: list[StagePlan], param_counts: dict[str, int
             f"cluster.gpu_memory_gb: stage {index} ({plan.name}) needs ~{_gib(memory.device_bytes)} per worker, "
             f"more than {_gib(memory.usable_bytes or 0)} usable of {spec.cluster.gpu_memory_gb:g} GiB{hint}"
         )
-
-
-def vocab_size(spec: JobSpec, stage: StageSpec) -> int:
-    """The vocabulary size a stage's model is built with: its tokenizer's, or the stage it inherits one from."""
-    earlier = spec.referenced_stage(stage.tokenizer.source or stage.init_from)
-    return stage.tokenizer.vocab_size if earlier is None else vocab_size(spec, earlier)
-
-
-def architecture(spec: JobSpec, stage: StageSpec) -> tuple[ModelSpec, Path | None]:
-    """The model a stage starts from: an earlier stage's (inherited), a local directory's, or its own spec."""
-    earlier = spec.referenced_stage(stage.init_from)
-    if earlier is not None:
-        return architecture(spec, earlier)
-    if stage.init_from is not None:
-        return stage.model, Path(stage.init_from)
-    return stage.model, None if stage.model.path is None else Path(stage.model.path)
 
 
 def plan_stage(

@@ -10,10 +10,10 @@ only: the driver prints it without torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from launcher.contract import StageResult
 from launcher.jobspec.models import JobSpec, StageSpec
+from launcher.jobspec.start import resolve_start
 
 
 @dataclass(frozen=True)
@@ -23,16 +23,6 @@ class Rung:
     kind: str  # "ours", "pretrained", "scratch"
     labeled: str  # how many labeled examples it trained on
     accuracy: float
-
-
-def start_of(spec: JobSpec, stage: StageSpec) -> tuple[str, str]:
-    """Where a stage's weights start: (description, kind)."""
-    if spec.referenced_stage(stage.init_from) is not None:
-        return "our pre-training", "ours"
-    source = stage.init_from or stage.model.path
-    if source:
-        return f"pretrained {Path(source).name}", "pretrained"
-    return "random initialisation", "scratch"
 
 
 def rungs(spec: JobSpec, results: list[StageResult]) -> tuple[float, list[Rung]] | None:
@@ -54,9 +44,11 @@ def rungs(spec: JobSpec, results: list[StageResult]) -> tuple[float, list[Rung]]
     majority = max(result.reference.get("majority_accuracy", 0.0) for _, result in group)
     ranked = []
     for stage, result in group:
-        start, kind = start_of(spec, stage)
+        start = resolve_start(spec, stage)
         labeled = "all" if stage.data.max_train_samples is None else f"{stage.data.max_train_samples:,}"
-        ranked.append(Rung(stage.name, start, kind, labeled, float(result.eval["accuracy"] or 0.0)))
+        ranked.append(
+            Rung(stage.name, start.description, start.ladder_kind, labeled, float(result.eval["accuracy"] or 0.0))
+        )
     ranked.sort(key=lambda r: -r.accuracy)
     return majority, ranked
 

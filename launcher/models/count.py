@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from launcher.jobspec.models import JobSpec, ModelSpec, StageSpec
-from launcher.jobspec.plan import architecture, vocab_size
+from launcher.jobspec.start import resolve_start
 
 
 class _NoTokenizer:
@@ -44,10 +44,10 @@ def count_parameters(stage: StageSpec, model: ModelSpec, model_dir: Path | None,
 
 def count_params(spec: JobSpec, stage: StageSpec) -> int | None:
     """Parameters of the stage's model as it will train (its start model's architecture, this stage's head)."""
-    model, directory = architecture(spec, stage)
-    if directory is not None and not (directory / "config.json").is_file():
+    start = resolve_start(spec, stage)
+    if start.model_dir is not None and not (start.model_dir / "config.json").is_file():
         return None  # not an HF model folder: nothing to count (the run itself reports it)
-    return count_parameters(stage, model, directory, vocab_size(spec, stage))
+    return count_parameters(stage, start.model, start.model_dir, start.vocab_size)
 
 
 def param_counts(spec: JobSpec) -> dict[str, int | None]:
