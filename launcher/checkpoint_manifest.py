@@ -30,6 +30,7 @@ from typing import Any
 
 from launcher import atomic
 from launcher.errors import UserError
+from launcher.worker.deepspeed_internals import UNIVERSAL_CONVERTER
 
 TAG_PREFIX = "step_"
 MANIFEST_FILE = "launcher.json"  # the manifest, written last by rank 0: its presence commits the folder
@@ -217,7 +218,7 @@ def convert_to_universal(path: Path) -> Path:
     partial = path / f"{UNIVERSAL}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     command = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+        sys.executable, "-m", UNIVERSAL_CONVERTER, "--input_folder", str(path),
         "--output_folder", str(partial), "--num_extract_workers", "1", "--num_merge_workers", "1",
         "--inject_missing_state",
     ]  # fmt: skip

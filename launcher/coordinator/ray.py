@@ -3,7 +3,7 @@
 Joins the cluster named by RAY_ADDRESS (or `cluster.address`); with neither, starts a private Ray
 for this command (no dashboard; token auth with a token of its own; sessions, logs and temp files
 in a 0700 folder of its own, kept only when the run fails) and shuts it down afterwards.
-That private cluster listens on loopback only (`bind_to_loopback`) and needs the token too.
+That private cluster listens on loopback only (`ray_internals.bind_to_loopback`) and needs the token too.
 Each worker calls the same per-rank entry as `--local`; checkpoints are reported to Ray
 (`RunConfig(storage_path=<stage dir>, name="checkpoints")`) and committed by rank 0 once every
 rank's upload is in, so a restarted worker group, or a re-run of the command, resumes from the
@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.contract import StageLaunch, StageResult
+from launcher.coordinator import ray_internals
 from launcher.errors import RunError, UserError
 from launcher.hooks import LOOP_ENV, verbose
 from launcher.jobspec.models import JobSpec
@@ -43,54 +44,10 @@ def _train_worker(config: dict[str, Any]) -> StageResult:
     from launcher.worker.entry import run_stage
 
     if not verbose():
-        quiet_train_reports()
+        ray_internals.quiet_worker_context()
 
     launch: StageLaunch = config["launch"]
     return run_stage(launch, ray_context(launch.spec.cluster.use_gpu))
-
-
-def quiet_train_reports() -> None:
-    """Ray Train's "Reporting training result N: TrainingReport(...)" lines, one per rank and checkpoint: its
-    worker context logs them at INFO under the module's file name, outside the `ray.train` logger that
-    `LoggingConfig` sets (a private module, checked with the pinned 2.60.0 by tests/test_ray.py)."""
-    import logging
-
-    from ray.train.v2._internal.execution import context
-
-    assert hasattr(context, "logger"), "Ray Train's worker context has no module logger (checked with 2.60.0)"
-    context.logger.setLevel(logging.WARNING)
-
-
-def trainer_class(private: bool) -> type:
-    """`TorchTrainer` that leaves SIGINT to the launcher and starts no Ray Data actor; on a private
-    cluster, also without the placement-group cleaner.
-
-    `fit()` installs Ray Train's own SIGINT handler (abort the run, no checkpoint) over the driver's;
-    the launcher's handler checkpoints and stops instead (`launcher.coordinator.signals`). Ray
-    Train's datasets callback starts a `DatasetManager` actor (a process importing Ray Data, ~0.2 GB)
-    for every worker group even with no datasets; the launcher reads its own token stores and
-    passes none, so that process would only take CPU from the workers while they start. The
-    placement-group cleaner is a detached actor that asks the dashboard's state API every second
-    whether the Train controller is still alive, to free its placement group should it die in a
-    long-lived cluster. A private cluster ends with this command, so it would only take CPU (and
-    the dashboard it needs) from the workers. All three are private hooks of Ray Train (checked with
-    the pinned 2.60.0 by tests/test_ray.py, which fails loudly if they move).
-    """
-    from ray.train.torch import TorchTrainer
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-
-    unused: tuple[type, ...] = (DatasetsCallback, PlacementGroupCleanerCallback) if private else (DatasetsCallback,)
-
-    class LauncherTrainer(TorchTrainer):
-        def _register_sigint_handler(self, controller: Any) -> None:
-            pass  # keep the launcher's handler
-
-        def _create_default_callbacks(self) -> list[Any]:
-            assert not self.datasets, "the launcher passes no Ray Datasets"
-            return [c for c in super()._create_default_callbacks() if not isinstance(c, unused)]
-
-    return LauncherTrainer
 
 
 def run_stage_ray(launch: StageLaunch, private: bool = False) -> StageResult:
@@ -103,7 +60,7 @@ def run_stage_ray(launch: StageLaunch, private: bool = False) -> StageResult:
     resources: dict[str, float] = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = 1
-    trainer = trainer_class(private)(
+    trainer = ray_internals.trainer_class(private)(
         _train_worker,
         train_loop_config={"launch": launch, "cwd": os.getcwd()},
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo", timeout_s=cluster.collective_timeout_s),
@@ -213,7 +170,7 @@ def ray_session(
     import ray
 
     if private is not None:
-        bind_to_loopback()
+        ray_internals.bind_to_loopback()
     level = logging.INFO if verbose() else logging.WARNING  # "Started a local Ray instance." and the like
     keep_logs = True  # unless the run ends well, or on a user error (nothing of Ray's to look at)
     try:
@@ -253,24 +210,6 @@ def run_ray(spec: JobSpec, only: str | None = None) -> int:
         run_jobs = run_jobs_on_ray if address else run_jobs_locally
         codes.append(run_job(spec, local=False, run_stage=stage_runner, only=only, run_jobs=run_jobs))
     return codes[-1]
-
-
-def bind_to_loopback() -> None:
-    """A private Ray on 127.0.0.1: its GCS, raylet, workers, agents and metrics endpoints listen on
-    loopback only, not on every interface.
-
-    Ray takes the loopback address as the node's only where it does not form clusters (its switch
-    for macOS and Windows, `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`, read when `ray` is imported); with it,
-    every server Ray starts binds 127.0.0.1. The variable goes to Ray's processes, the module constant
-    to this one, whether or not `ray` was imported already (a private constant, checked with the pinned
-    2.60.0 by tests/test_ray.py). Only torch's rendezvous store of a stage (rank 0, `MASTER_PORT`) still
-    listens on all interfaces: torch offers no bind address for it.
-    """
-    from ray._private import ray_constants
-
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    assert hasattr(ray_constants, "ENABLE_RAY_CLUSTER"), "Ray renamed ENABLE_RAY_CLUSTER (checked with 2.60.0)"
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _private_folder() -> Path:

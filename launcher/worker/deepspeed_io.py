@@ -10,6 +10,7 @@ import torch
 
 from launcher.checkpoint_manifest import UNIVERSAL, commit, file_digests, prune, tag_for
 from launcher.errors import RunError
+from launcher.worker import deepspeed_internals
 from launcher.worker.context import RankContext
 
 
@@ -65,16 +66,7 @@ def load_checkpoint(engine: Any, path: Path, universal: bool = False) -> dict[st
     loaded, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
     assert loaded is not None, f"DeepSpeed found no checkpoint in {load_dir / tag}"
     if universal and engine.zero_optimization_stage() == 3:
-        # Two slips of DeepSpeed 0.19.8's stage-3 universal load (stage3.py
-        # `load_hp_checkpoint_state_from_checkpoint_dir_stage3`), each seen to bend the trajectory from the
-        # second step on: it copies the saved group 0's hyperparameters into every group (the no-decay group
-        # would decay), so the spec's own (the same run's) go back, the rate follows below; and it gives every
-        # group one shared `step` tensor, which Adam increments in place once per group and step.
-        for group, own in zip(engine.optimizer.param_groups, groups, strict=True):
-            group.update(own)
-        for state in engine.optimizer.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
+        deepspeed_internals.repair_stage3_universal_load(engine, groups)  # the rate follows below
     if engine.lr_scheduler is not None:
         # A universal load restores Adam's state but not `param_groups`: the next update must use
         # the schedule's current rate, not the rate a fresh scheduler set at step 0.

@@ -18,6 +18,7 @@ import torch
 
 from launcher.hooks import verbose
 from launcher.jobspec.models import OptimSpec, StageSpec
+from launcher.worker import deepspeed_internals
 
 _SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
 
@@ -164,14 +165,11 @@ def clip_single_rank_gradients(engine: Any) -> None:
     compares), without multiplying by a factor of 1 on the CPU, and it leaves the norm where
     `engine.get_global_grad_norm()` reads it.
     """
-    assert hasattr(engine, "clip_fp32_gradients") and hasattr(engine, "_global_grad_norm"), (
-        "deepspeed renamed DeepSpeedEngine.clip_fp32_gradients / _global_grad_norm (checked with the pinned 0.19.8)"
-    )
 
-    def clip() -> None:
+    def clip() -> torch.Tensor | None:
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
         if not grads:
-            return
+            return None
         total_norm = torch.stack(torch._foreach_norm(grads, 2.0)).pow(2.0).sum().float().pow(0.5)
         device = total_norm.device
         clip_coef = torch.tensor([float(engine.gradient_clipping())], device=device) / (total_norm + 1e-6)
@@ -180,6 +178,6 @@ def clip_single_rank_gradients(engine: Any) -> None:
         # skip that pass over all gradients (~10-25 ms a MiniLM step on 2 cores).
         if device.type != "cpu" or float(clip_coef) < 1.0:
             torch._foreach_mul_(grads, clip_coef)
-        engine._global_grad_norm = total_norm
+        return total_norm
 
-    engine.clip_fp32_gradients = clip
+    deepspeed_internals.replace_fp32_clipping(engine, clip)

@@ -35,6 +35,7 @@ from launcher.jobspec.layout import STOP_FILE
 from launcher.metrics import MetricsWriter, NullWriter, compute_precision, json_safe, matmul_shapes, peak_flops
 from launcher.tasks import build_task
 from launcher.tasks.embedding_init import init_from_corpus
+from launcher.worker import deepspeed_internals
 from launcher.worker.context import RankContext
 from launcher.worker.deepspeed_io import export_model, load_checkpoint
 from launcher.worker.engine import build_engine
@@ -187,18 +188,10 @@ def optimizer_state_bytes(engine: Any) -> dict[str, int]:
     def nbytes(tensors: Any) -> int:
         return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t) and t.dim() > 0)
 
-    wrapper = engine.optimizer
-    base = getattr(wrapper, "optimizer", wrapper)  # ZeRO wrappers hold the torch optimizer
+    base = deepspeed_internals.torch_optimizer(engine)
     moments = nbytes(t for state in base.state.values() for t in state.values())
-    # ZeRO-1/2, ZeRO-3 and the bf16 optimizer's fp32 partitions (DeepSpeed internals, as named in 0.19.8).
-    names = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
-    keeps_master = engine.zero_optimization_stage() > 0 or engine.bfloat16_enabled()
-    assert not keeps_master or any(hasattr(wrapper, n) for n in names), (
-        f"{type(wrapper).__name__} has none of {names}: DeepSpeed renamed its fp32 partitions (checked with 0.19.8)"
-    )
-    master = sum(nbytes(getattr(wrapper, name, None) or []) for name in names)
-    # This rank's weights: ZeRO-3 keeps a partition of each parameter (`ds_tensor`), the others keep all of it.
-    weights = nbytes(getattr(p, "ds_tensor", p) for p in engine.module.parameters())
+    master = nbytes(deepspeed_internals.fp32_master_tensors(engine))
+    weights = nbytes(deepspeed_internals.local_weights(engine.module.parameters()))
     return {"optimizer_state_bytes": moments, "fp32_master_bytes": master, "weight_bytes": weights}
 
 
