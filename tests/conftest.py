@@ -6,9 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.ray_head import RayHead
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "jobs" / "debug" / "tiny.yaml"
@@ -21,6 +26,21 @@ def demo_data() -> Path:
 
     build(ROOT / "data")
     return ROOT / "data" / "demo"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """One loopback Ray head for every test that joins a cluster (started on first use, ended by its PID)."""
+    from tests.ray_head import ray_head
+
+    with ray_head(tmp_path_factory.mktemp("ray")) as running:
+        yield running
+
+
+def on_ray(head: RayHead, **extra: str) -> dict[str, str]:
+    """Environment for a `launcher` command that joins `head`."""
+    keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
+    return {"RAY_ADDRESS": head.address, **{k: head.env[k] for k in keys}, **extra}
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:

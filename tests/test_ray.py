@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, assert_ok, read_jsonl, run_cli
-from tests.ray_head import RayHead, ray_head
+from tests.conftest import on_ray as on
+from tests.ray_head import RayHead
 
 pytestmark = pytest.mark.ray
 TINY = ["jobs/debug/tiny.yaml", "cluster.num_workers=2", "stages.0.max_steps=12", "stages.0.checkpoint_every=12",
@@ -32,16 +33,10 @@ FAULT = ["jobs/debug/tiny.yaml", "cluster.num_workers=2", "stages.0.max_steps=60
          "stages.0.batch.micro_batch_size=32"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory) -> RayHead:
-    with ray_head(tmp_path_factory.mktemp("ray")) as running:
-        yield running
-
-
-def on(head: RayHead, **extra: str) -> dict[str, str]:
-    """Environment for a `launcher` command that joins the shared head."""
-    keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")
-    return {"RAY_ADDRESS": head.address, **{k: head.env[k] for k in keys}, **extra}
+@pytest.fixture
+def head(ray_cluster: RayHead) -> RayHead:
+    """The session's shared head (`tests.conftest.ray_cluster`)."""
+    return ray_cluster
 
 
 @pytest.fixture(scope="module")
@@ -97,34 +92,6 @@ def test_prepare_on_a_cluster_runs_ray_data_tasks_that_match_the_local_result(he
             assert stores[0].num_tokens == stores[1].num_tokens > 0
             assert np.array_equal(stores[0].tokens(0, stores[0].num_tokens), stores[1].tokens(0, stores[1].num_tokens))
             assert [s.num_docs for s in stores[0].shards] == [s.num_docs for s in stores[1].shards]
-
-
-def test_trainer_starts_no_ray_data_actor_and_private_one_no_placement_group_cleaner() -> None:
-    """The launcher passes no Ray Datasets: Ray Train's datasets callback (a DatasetManager actor per
-    worker group) goes everywhere. The private cluster ends with the command: Ray Train's placement-group
-    cleaner (and the dashboard it polls) would only take CPU from the workers. (The global-batch refusal test
-    below starts a private Ray.)"""
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from launcher.coordinator.ray import trainer_class
-
-    def callbacks(trainer_type: type) -> set[str]:
-        trainer = trainer_type(lambda config: None, scaling_config=ScalingConfig(num_workers=1))
-        return {type(c).__name__ for c in trainer._create_default_callbacks()}
-
-    ray_own = callbacks(TorchTrainer)
-    assert {"DatasetsCallback", "PlacementGroupCleanerCallback"} <= ray_own, "Ray Train renamed them (2.60.0)"
-    assert callbacks(trainer_class(private=False)) == ray_own - {"DatasetsCallback"}
-    assert callbacks(trainer_class(private=True)) == ray_own - {"DatasetsCallback", "PlacementGroupCleanerCallback"}
-    # fit() would replace the launcher's SIGINT handler with Ray Train's (abort without a checkpoint).
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    assert hasattr(DataParallelTrainer, "_register_sigint_handler"), "Ray Train renamed it (checked with 2.60.0)"
-    from launcher.coordinator.ray import quiet_train_reports
-
-    quiet_train_reports()  # Ray Train's worker-context logger, a private module: fails loudly if it moved
-    assert trainer_class(False)._register_sigint_handler is not DataParallelTrainer._register_sigint_handler
 
 
 def _consolidated(checkpoint: Path, zero_stage: int) -> dict:

@@ -16,7 +16,8 @@ from launcher.data.token_labels import SentenceEncoder, is_byte_level
 from launcher.errors import UserError
 from launcher.tasks.base import EvalSums
 from launcher.tasks.token_classification import TokenClassification
-from tests.conftest import ROOT, assert_ok, run_cli
+from tests.conftest import ROOT, assert_ok, on_ray, run_cli
+from tests.ray_head import RayHead
 
 JOB = "jobs/ner.yaml"
 SAMPLE = ROOT / "tests" / "fixtures" / "ner_sample.conll"
@@ -347,21 +348,17 @@ SAME_BATCH = [
 
 @pytest.mark.slow
 @pytest.mark.ray
-def test_two_ray_workers_take_the_local_runs_steps(tmp_path: Path) -> None:
+def test_two_ray_workers_take_the_local_runs_steps(ray_cluster: RayHead, tmp_path: Path) -> None:
     """Eval sums (entity counts per type) all-reduced over 2 ranks give the figures of one process."""
     from tests.conftest import read_jsonl
-    from tests.ray_head import ray_head
 
     args = [*RESUME_ARGS, *SAME_BATCH, "stages.1.max_steps=4"]
     local, ray = tmp_path / "local", tmp_path / "ray"
     assert_ok(run_cli("prepare", *args, f"output_dir={local}"))
     shutil.copytree(local, ray)
     assert_ok(run_cli("run", *args, f"output_dir={local}"))
-    (tmp_path / "head").mkdir()
-    with ray_head(tmp_path / "head") as head:
-        env = {"RAY_ADDRESS": head.address, **{k: head.env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}}
-        workers = [arg for arg in args if arg != "--local"]
-        assert_ok(run_cli("run", *workers, "cluster.num_workers=2", f"output_dir={ray}", env=env))
+    workers = [arg for arg in args if arg != "--local"]
+    assert_ok(run_cli("run", *workers, "cluster.num_workers=2", f"output_dir={ray}", env=on_ray(ray_cluster)))
     expected = read_jsonl(local / "tiny" / "finetune" / "metrics.jsonl")
     got = read_jsonl(ray / "tiny" / "finetune" / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in expected] == [1, 2, 3, 4]
@@ -371,3 +368,24 @@ def test_two_ray_workers_take_the_local_runs_steps(tmp_path: Path) -> None:
                 assert have[key] == pytest.approx(want[key], abs=1e-4), (want["step"], key)
     for key in ("eval/f1", "eval/precision", "eval/recall", "eval/accuracy", "eval/f1/PER"):
         assert got[-1][key] == pytest.approx(expected[-1][key], abs=1e-6), key
+
+
+def test_a_tagger_of_another_tag_set_is_refused_as_the_start(tmp_path: Path) -> None:
+    """A token-classification export of 3 tags cannot start a stage of 21: one line naming data.labels."""
+    from safetensors.numpy import save_file
+
+    from launcher.coordinator.start_check import check_start
+    from launcher.jobspec.load import load_spec
+
+    start = tmp_path / "tagger"
+    start.mkdir()
+    save_file({"classifier.weight": np.zeros((3, 4), dtype=np.float32)}, str(start / "model.safetensors"))
+    config = {"model_type": "bert", "architectures": ["BertForTokenClassification"], "vocab_size": 40000,
+              "max_position_embeddings": 512, "id2label": {"0": "O", "1": "B-PER", "2": "I-PER"}}  # fmt: skip
+    (start / "config.json").write_text(json.dumps(config))
+    spec = load_spec(ROOT / JOB, [f"stages.0.init_from={start}"])
+    with pytest.raises(UserError, match=r"^stages.0.data.labels: 21 labels, but the model in .* is a classifier of 3"):
+        check_start(spec, 0, vocab_size=30522)
+    config["id2label"] = {str(i): tag for i, tag in enumerate(spec.stages[0].data.labels)}
+    (start / "config.json").write_text(json.dumps(config))
+    check_start(spec, 0, vocab_size=30522)  # the same tag count: its head is kept

@@ -19,6 +19,12 @@ from launcher.jobspec import layout
 from launcher.jobspec.models import JobSpec
 from launcher.jobspec.start import resolve_start
 
+# The head a labelled task's export carries (its `architectures` entry ends so); its label count must match.
+_HEADS = {
+    "classification": "ForSequenceClassification",
+    "token_classification": "ForTokenClassification",
+    "image_classification": "ForImageClassification",
+}
 _WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -107,8 +113,9 @@ def check_start(spec: JobSpec, index: int, vocab_size: int) -> None:
         )
     architectures = config.get("architectures") or []
     labels = config.get("id2label") or {}
-    classifier = any(str(name).endswith("ForSequenceClassification") for name in architectures)
-    if stage.task == "classification" and classifier and labels and len(labels) != len(stage.data.labels):
+    head = _HEADS.get(stage.task)
+    classifier = head is not None and any(str(name).endswith(head) for name in architectures)
+    if classifier and labels and len(labels) != len(stage.data.labels):
         raise UserError(
             f"stages.{index}.data.labels: {len(stage.data.labels)} labels, but the model in {folder} is a classifier "
             f"of {len(labels)} ({', '.join(str(v) for v in labels.values())}); start from a model without a "
