@@ -43,7 +43,7 @@ from launcher.data.store import META_FILE, BlockDataset, ShardInfo, TokenStore, 
 from launcher.data.tokenizer import load_tokenizer, separator_id, train_tokenizer
 from launcher.errors import UserError
 from launcher.jobspec import layout
-from launcher.jobspec.models import JobSpec, StageSpec
+from launcher.jobspec.models import IMAGE_TASKS, JobSpec, StageSpec
 from launcher.jobspec.start import resolve_start
 
 META_VERSION = 3  # 3: sharded streams in the smallest dtype, documents split by a hash of their text
@@ -242,6 +242,10 @@ def _assemble(results: list[dict], chunks: list[Chunk], field: str) -> dict[str,
 def prepare_stage(spec: JobSpec, index: int, run_jobs: JobRunner = run_jobs_locally) -> PreparedStage:
     """Prepare one stage (earlier stages whose tokenizer it reuses must be prepared first)."""
     stage = spec.stages[index]
+    if stage.task in IMAGE_TASKS:  # images: decoded, checked and stored as pixels (launcher.data.image_prepare)
+        from launcher.data.image_prepare import prepare_images
+
+        return prepare_images(spec, index)
     out = layout.data_dir(spec, stage.name)
     key = fingerprint(spec, stage)
     for stale in out.parent.glob(".data-*"):  # left by a prepare that was killed
@@ -369,9 +373,11 @@ def prepare_job(
         prepared[stage.name] = prepare_stage(spec, index, run_jobs)
         if log:
             info = prepared[stage.name]
+            what = f"{info.num_train_tokens} train tokens, vocab {info.vocab_size}"
+            if stage.task in IMAGE_TASKS:
+                what = f"images of {stage.image.size}x{stage.image.size} pixels"
             print(
-                f"data {stage.name}: {info.num_train_samples} train / {info.num_eval_samples} eval samples, "
-                f"{info.num_train_tokens} train tokens, vocab {info.vocab_size}",
+                f"data {stage.name}: {info.num_train_samples} train / {info.num_eval_samples} eval samples, {what}",
                 flush=True,
             )
     return prepared

@@ -113,7 +113,11 @@ class ModelSpec(Section):
         "bert-base, bert-large, gpt2, gpt2-medium, smollm2-135m, smollm2-360m, tinyllama-1.1b. It also sets "
         "tokenizer.vocab_size unless the stage does. Listed with their sources in launcher/jobspec/presets.py.",
     )
-    family: Literal["bert", "gpt2", "llama"] = Field(default="bert", description="Architecture family.")
+    family: Literal["bert", "gpt2", "llama", "vit", "resnet"] = Field(
+        default="bert",
+        description="Architecture family: bert, gpt2, llama (text); vit, resnet (images: tasks image_classification "
+        "and mae, which needs vit).",
+    )
     path: str | None = Field(
         default=None,
         description="Local HF-format model directory to load instead of building from sizes.",
@@ -152,6 +156,19 @@ class ModelSpec(Section):
         description="torch.compile the model before training (needs a C compiler on CPU; the first steps "
         "compile, later ones run the compiled code).",
     )
+    patch_size: PositiveInt = Field(
+        default=16, description="vit: side of the square patches an image is cut into (one token each)."
+    )
+    depths: list[PositiveInt] | None = Field(
+        default=None,
+        description="resnet: residual blocks per stage, one entry per stage (the first stage hidden_size wide, "
+        "each later one twice the one before); default [2] x num_layers.",
+    )
+    block: Literal["basic", "bottleneck"] = Field(
+        default="basic",
+        description="resnet: the residual block, basic (two 3x3 convolutions, ResNet-18/34) or bottleneck (1x1, "
+        "3x3, 1x1 at a quarter of the width, ResNet-50 and deeper).",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -175,6 +192,11 @@ class ModelSpec(Section):
                 raise ValueError(f"num_kv_heads: {self.num_kv_heads} does not divide num_heads {self.num_heads}")
         if self.rope_theta is not None and self.family != "llama":
             raise ValueError("rope_theta: only the llama family uses rotary position embeddings")
+        for name in ("depths", "block"):
+            if name in self.model_fields_set and self.family != "resnet":
+                raise ValueError(f"{name}: a setting of the resnet family")
+        if "patch_size" in self.model_fields_set and self.family != "vit":
+            raise ValueError("patch_size: a setting of the vit family")
         return self
 
 
@@ -397,6 +419,76 @@ class ReplacedTokenSpec(Section):
     )
 
 
+class ImageSpec(Section):
+    """Tasks image_classification and mae: how images are prepared, normalised and augmented."""
+
+    size: PositiveInt = Field(
+        default=224,
+        description="Side in pixels of the square the model sees: at preparation each image's shorter side is "
+        "resized to it (bilinear) and the centre cropped; an image smaller than it is refused.",
+    )
+    channels: Literal[1, 3] = Field(
+        default=3,
+        description="Channels stored: 1 (grey) or 3 (RGB); images of another mode are converted (said once). The "
+        "model always sees 3 (grey repeated), as transformers' image pipelines give it.",
+    )
+    mean: list[float] | None = Field(
+        default=None,
+        description="Per-channel mean (of pixels in [0, 1]) subtracted before the model; default the start "
+        "model's (its saved image processor), else measured on the training images at preparation.",
+    )
+    std: list[float] | None = Field(
+        default=None, description="Per-channel standard deviation the pixels are divided by; default as `mean`."
+    )
+    random_resized_crop: bool = Field(
+        default=True,
+        description="Training augmentation: a random crop of crop_scale of the area and crop_ratio aspect, resized "
+        "back to size (torchvision's RandomResizedCrop, as HF's run_image_classification.py trains).",
+    )
+    crop_scale: tuple[float, float] = Field(default=(0.08, 1.0), description="Share of the area a crop covers.")
+    crop_ratio: tuple[float, float] = Field(default=(0.75, 4 / 3), description="Aspect ratios a crop may have.")
+    horizontal_flip: bool = Field(default=True, description="Training augmentation: flip half the images.")
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _per_channel(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and len(value) not in (1, 3):
+            raise ValueError("one value (every channel) or three (R, G, B)")
+        return value
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 < value[0] <= value[1]:
+            raise ValueError(f"needs 0 < low <= high, got {list(value)}")
+        return value
+
+
+class MaeSpec(Section):
+    """Task mae (He et al. 2021, transformers' ViTMAEForPreTraining): mask most patches, reconstruct their pixels."""
+
+    mask_ratio: float = Field(default=0.75, gt=0.0, lt=1.0, description="Share of patches hidden from the encoder.")
+    norm_pix_loss: bool = Field(
+        default=False, description="Reconstruct each patch's pixels normalised by its own mean and variance."
+    )
+    decoder_hidden_size: PositiveInt = Field(default=512, description="Width of the decoder (dropped at fine-tuning).")
+    decoder_num_layers: PositiveInt = Field(default=8, description="Decoder blocks.")
+    decoder_num_heads: PositiveInt = Field(default=16, description="Decoder attention heads.")
+    decoder_intermediate_size: PositiveInt | None = Field(
+        default=None, description="Decoder MLP width; default 4 x decoder_hidden_size."
+    )
+
+
+IMAGE_TASKS = ("image_classification", "mae")
+
+
+def best_maximises(metric: str, mode: str | None) -> bool:
+    """`best_mode`, or by the metric's name: losses and perplexities are minimised, the rest maximised."""
+    if mode is not None:
+        return mode == "max"
+    return not metric.removeprefix("eval/").split("/")[-1].endswith(("loss", "perplexity"))
+
+
 def task_metrics(task: str, labels: list[str]) -> list[str]:
     """The eval metrics a task reports (what `best_metric` may name)."""
     per_label = [f"{kind}/{label}" for label in labels for kind in ("precision", "recall", "f1")]
@@ -406,6 +498,8 @@ def task_metrics(task: str, labels: list[str]) -> list[str]:
         "rtd": ["loss", "accuracy", "generator_loss", "generator_perplexity"],
         "classification": ["loss", "accuracy", "macro_f1", *per_label],
         "token_classification": ["loss", "accuracy", "precision", "recall", "f1"],
+        "image_classification": ["loss", "accuracy", "macro_f1", *per_label, *(f"accuracy/{x}" for x in labels)],
+        "mae": ["loss"],
     }[task]
 
 
@@ -422,10 +516,12 @@ class StageSpec(Section):
     """One step of the pipeline: a task on a model, trained for `max_steps` or `epochs`."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN)] = Field(description="Stage name; its output folder.")
-    task: Literal["mlm", "clm", "rtd", "classification", "token_classification"] = Field(
-        description="Objective of this stage: masked LM (BERT), causal LM (GPT), replaced-token detection (ELECTRA: "
-        "a small generator and a discriminator trained jointly; the discriminator is exported), classification (a "
-        "label per document) or token_classification (a tag per word: NER, part of speech, chunking)."
+    task: Literal["mlm", "clm", "rtd", "classification", "token_classification", "image_classification", "mae"] = Field(
+        description="Objective of this stage: masked LM (BERT), causal LM (GPT), replaced-token detection "
+        "(ELECTRA: a small generator and a discriminator trained jointly; the discriminator is exported), "
+        "classification (a label per document), token_classification (a tag per word: NER, part of speech, "
+        "chunking), image_classification (a label per image) or mae (masked-autoencoder pre-training on "
+        "unlabelled images)."
     )
     init_from: str | None = Field(
         default=None, description="An earlier stage's name (its exported model) or a local HF model directory."
@@ -444,6 +540,10 @@ class StageSpec(Section):
     )
     mlm: MaskedLMSpec = Field(default_factory=lambda: MaskedLMSpec(), description="Settings of task mlm.")
     rtd: ReplacedTokenSpec = Field(default_factory=lambda: ReplacedTokenSpec(), description="Settings of task rtd.")
+    image: ImageSpec = Field(
+        default_factory=lambda: ImageSpec(), description="Images of tasks image_classification and mae."
+    )
+    mae: MaeSpec = Field(default_factory=lambda: MaeSpec(), description="Settings of task mae.")
     log_every: PositiveInt = Field(default=10, description="Log train metrics every N steps (and after step 1).")
     eval_every: int = Field(default=0, ge=0, description="Evaluate every N steps (0: only at the end).")
     eval_every_epochs: float | None = Field(
@@ -483,6 +583,24 @@ class StageSpec(Section):
                 raise ValueError(f"embedding_init: now a section: embedding_init: {{method: {data['embedding_init']}}}")
         return data
 
+    def _check_images(self) -> None:
+        """Image tasks build vit or resnet (mae: vit) and read whole images; text tasks build no image family."""
+        image_families = ("vit", "resnet")
+        if self.task not in IMAGE_TASKS:
+            if "image" in self.model_fields_set:
+                raise ValueError(f"image: settings of the image tasks, and this stage's task is {self.task}")
+            if self.model.family in image_families:
+                raise ValueError(f"model.family: {self.model.family} is an image family; task {self.task} reads text")
+            return
+        if self.data.sources:
+            raise ValueError(f"data.sources: mixtures are for text pre-training; task {self.task} reads data.train")
+        fresh = self.init_from is None and self.model.path is None
+        allowed = ("vit",) if self.task == "mae" else image_families
+        if fresh and self.model.family not in allowed:
+            raise ValueError(f"model.family: task {self.task} builds {' or '.join(allowed)}, not {self.model.family}")
+        if self.model.family == "vit" and self.image.size % self.model.patch_size:
+            raise ValueError(f"model.patch_size: {self.model.patch_size} does not divide image.size {self.image.size}")
+
     def mask_probability(self) -> float:
         """The masked share of tokens of this stage's task (0 for tasks that mask nothing)."""
         return {"mlm": self.mlm.mask_probability, "rtd": self.rtd.mask_probability}.get(self.task, 0.0)
@@ -504,7 +622,10 @@ class StageSpec(Section):
         # Messages start with the field path relative to the stage; the loader prefixes `stages.<i>.`.
         if self.max_steps is None and self.epochs is None:
             raise ValueError("max_steps: set max_steps or epochs")
-        if self.task in ("classification", "token_classification") and len(self.data.labels) < 2:
+        if (
+            self.task in ("classification", "token_classification", "image_classification")
+            and len(self.data.labels) < 2
+        ):
             raise ValueError(f"data.labels: {self.task} needs at least two labels")
         if self.task == "clm" and self.model.family == "bert":
             raise ValueError("model.family: task clm needs a decoder family (gpt2 or llama), not bert")
@@ -533,9 +654,10 @@ class StageSpec(Section):
             if not self.eval_every and self.eval_every_epochs is None:
                 raise ValueError("early_stopping_patience: needs evaluations during training (eval_every or "
                                  "eval_every_epochs)")  # fmt: skip
-        for section in ("mlm", "rtd"):
+        for section in ("mlm", "rtd", "mae"):
             if section in self.model_fields_set and self.task != section:
                 raise ValueError(f"{section}: settings of task {section}, and this stage's task is {self.task}")
+        self._check_images()
         if self.task in ("mlm", "rtd") and self.model.family != "bert":
             raise ValueError(f"model.family: task {self.task} needs the bert family")
         if self.task == "rtd" and self.model.path is not None:

@@ -27,13 +27,12 @@ from launcher.checkpoint_manifest import (
     verify,
 )
 from launcher.contract import StageLaunch, StageResult
-from launcher.data.tokenizer import load_tokenizer
 from launcher.errors import RunError, UserError
 from launcher.hooks import loop_hooks, verbose
 from launcher.jobspec.deepspeed_config import build_deepspeed_config
 from launcher.jobspec.layout import STOP_FILE
 from launcher.metrics import MetricsWriter, NullWriter, compute_precision, json_safe, matmul_shapes, peak_flops
-from launcher.tasks import build_task
+from launcher.tasks import build_task, load_preprocessor
 from launcher.tasks.embedding_init import init_from_corpus
 from launcher.worker import deepspeed_internals
 from launcher.worker.context import RankContext
@@ -55,7 +54,7 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
     print(f"stage {stage.name}: rank {ctx.rank}/{ctx.world_size} on {socket.gethostname()} ({ctx.device})", flush=True)
 
     torch.manual_seed(spec.seed)
-    tokenizer = load_tokenizer(paths.tokenizer_dir)
+    tokenizer = load_preprocessor(stage, paths.tokenizer_dir)  # an image stage's image processor
     task = build_task(stage, tokenizer)
     memory_before_model = memory_bytes(ctx.device)
     model = task.build_model(paths.start)
