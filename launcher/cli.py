@@ -1,4 +1,4 @@
-"""Command line: `launcher validate|prepare|run|slurm|predict JOB.yaml [key=value ...]`, `launcher workers N G`.
+"""Command line: `launcher validate|prepare|run|slurm|predict|sweep JOB.yaml [key=value ...]`, `launcher workers N G`.
 
 Run as: launcher run jobs/demo.yaml --local
 Thin: parses arguments and calls the spec, data and coordinator layers. User errors exit 2 with one
@@ -51,6 +51,17 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, metavar="DIR", help="folder for the prediction files")
     predict.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default 64)")
     predict.add_argument("--local", action="store_true", help="one process, no Ray")
+    sweep = commands.add_parser(
+        "sweep",
+        help="trials of one stage over its sweep section on Ray Tune; the best trial's export becomes the stage's",
+        description="Runs the stage once per trial of its `sweep:` section (or the job's), each under "
+        "<stage>/trials/, chooses the best by the sweep's metric, makes its export the stage's model/ and writes "
+        "the table of all trials to <stage>/sweep.csv and sweep.json.",
+    )
+    sweep.add_argument("spec", help="job spec YAML file")
+    sweep.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.1.sweep.num_samples=4")
+    sweep.add_argument("--stage", required=True, metavar="NAME", help="the stage to sweep")
+    sweep.add_argument("--local", action="store_true", help="each trial trains in one process (Tune still runs them)")
     workers = commands.add_parser("workers", help="training workers of a SLURM allocation (slurm/ray_job.sh asks)")
     workers.add_argument("nodes", type=int)
     workers.add_argument("gpus_per_node", type=int)
@@ -97,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--batch-size: {args.batch_size} is not a positive number")
             request = resolve_request(args.spec, args.overrides, args.stage, args.input, args.output, args.batch_size)
             return run_predict(request, args.local)
+        if args.command == "sweep":
+            from launcher.coordinator.sweep import run_sweep
+
+            return run_sweep(args.spec, args.overrides, args.stage, args.local)
         spec = load_spec(args.spec, args.overrides)
         if args.command == "slurm":
             return _slurm(spec, args)

@@ -8,7 +8,7 @@ never stored twice.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
@@ -419,6 +419,88 @@ class ReplacedTokenSpec(Section):
     )
 
 
+class SweepParam(Section):
+    """The values one field takes across a sweep's trials: exactly one of a grid or a distribution."""
+
+    grid: list[Any] | None = Field(
+        default=None, description="Every value, each tried with every value of the other grid fields."
+    )
+    choice: list[Any] | None = Field(default=None, description="Each trial draws one of these values.")
+    uniform: tuple[float, float] | None = Field(default=None, description="Each trial draws from [low, high).")
+    loguniform: tuple[float, float] | None = Field(
+        default=None, description="Each trial draws from [low, high) on a log scale (e.g. learning rates)."
+    )
+    randint: tuple[int, int] | None = Field(default=None, description="Each trial draws a whole number in [low, high).")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SweepParam:
+        given = [
+            name for name in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, name) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one of grid, choice, uniform, loguniform, randint (got {', '.join(given) or 'none'})"
+            )
+        kind = given[0]
+        value = getattr(self, kind)
+        if kind in ("grid", "choice") and not value:
+            raise ValueError(f"{kind}: needs at least one value")
+        if kind in ("uniform", "loguniform", "randint") and not value[0] < value[1]:
+            raise ValueError(f"{kind}: low {value[0]} is not below high {value[1]}")
+        if kind == "loguniform" and value[0] <= 0:
+            raise ValueError(f"loguniform: low {value[0]} must be positive")
+        return self
+
+    def kind(self) -> str:
+        return next(
+            name for name in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, name) is not None
+        )
+
+
+class AshaSpec(Section):
+    """ASHA early termination (Ray Tune's ASHAScheduler): at each rung the best 1/reduction_factor go on."""
+
+    grace_evals: PositiveInt = Field(default=1, description="Evaluations every trial runs before it may be stopped.")
+    reduction_factor: float = Field(
+        default=2.0, gt=1.0, description="1/reduction_factor of the trials go on at each rung."
+    )
+
+
+class SweepSpec(Section):
+    """Trials of one stage on Ray Tune (`launcher sweep`); the best trial's export becomes the stage's `model/`."""
+
+    params: dict[str, SweepParam] = Field(
+        min_length=1,
+        description="Field path -> its values. A path names a stage field (`optim.lr`, `data.seq_len`), or a job "
+        "field where the stage has none of that name (`seed`, `deepspeed.zero_stage`).",
+    )
+    num_samples: PositiveInt = Field(
+        default=1,
+        description="Times the grid runs; each time every distribution draws again (seeded by the job's seed).",
+    )
+    metric: str | None = Field(
+        default=None,
+        description="The eval metric that chooses the best trial (`accuracy`, `macro_f1`; an `eval/` prefix is "
+        "accepted), read at the evaluation each trial exported; default the stage's best_metric, else loss.",
+    )
+    mode: Literal["max", "min"] | None = Field(
+        default=None,
+        description="Whether a larger or a smaller metric is better; default the stage's best_mode when the metric "
+        "is its best_metric, else min for loss and perplexity metrics, max for the rest.",
+    )
+    scheduler: Literal["fifo", "asha"] = Field(
+        default="fifo",
+        description="fifo: every trial runs to its end; asha: trials falling behind at an evaluation stop early "
+        "(needs evaluations during training: eval_every or eval_every_epochs).",
+    )
+    asha: AshaSpec = Field(default_factory=lambda: AshaSpec(), description="Settings of scheduler asha.")
+    max_concurrent_trials: PositiveInt | None = Field(
+        default=None,
+        description="Trials running at once; default as many as the cluster's CPUs (GPUs with cluster.use_gpu) "
+        "hold, each trial taking what its stage's workers take.",
+    )
+
+
 class ImageSpec(Section):
     """Tasks image_classification and mae: how images are prepared, normalised and augmented."""
 
@@ -571,6 +653,9 @@ class StageSpec(Section):
     )
     checkpoint_every: int = Field(default=0, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: PositiveInt = Field(default=2, description="Checkpoints kept on disk (oldest removed).")
+    sweep: SweepSpec | None = Field(
+        default=None, description="Trials of this stage for `launcher sweep` (`launcher run` ignores it)."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -654,6 +739,14 @@ class StageSpec(Section):
             if not self.eval_every and self.eval_every_epochs is None:
                 raise ValueError("early_stopping_patience: needs evaluations during training (eval_every or "
                                  "eval_every_epochs)")  # fmt: skip
+        if self.sweep is not None:
+            from launcher.jobspec.sweep import check_paths, metric_and_mode
+
+            try:
+                check_paths(self.sweep)
+                metric_and_mode(self.sweep, self)
+            except ValueError as exc:
+                raise ValueError(f"sweep.{exc}") from None
         for section in ("mlm", "rtd", "mae"):
             if section in self.model_fields_set and self.task != section:
                 raise ValueError(f"{section}: settings of task {section}, and this stage's task is {self.task}")
@@ -684,10 +777,21 @@ class JobSpec(Section):
     cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Workers and Ray.")
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed engine.")
     stages: list[StageSpec] = Field(min_length=1, description="Stages, run in order.")
+    sweep: SweepSpec | None = Field(
+        default=None,
+        description="Trials for `launcher sweep --stage NAME` of a stage without a sweep section of its own.",
+    )
 
     @model_validator(mode="after")
     def _stage_references(self) -> JobSpec:
         names = [stage.name for stage in self.stages]
+        if self.sweep is not None:
+            from launcher.jobspec.sweep import check_paths
+
+            try:
+                check_paths(self.sweep)
+            except ValueError as exc:
+                raise ValueError(f"sweep.{exc}") from None
         for index, stage in enumerate(self.stages):
             if names.index(stage.name) != index:
                 raise ValueError(f"stages.{index}.name: duplicate stage name {stage.name!r}")

@@ -22,7 +22,7 @@ import torch
 from launcher.data.sampler import StepSampler
 from launcher.errors import RunError
 from launcher.hooks import StepCallback, StopPolicy
-from launcher.jobspec.models import StageSpec
+from launcher.jobspec.models import StageSpec, best_maximises
 from launcher.jobspec.plan import StagePlan, steps_per_epoch
 from launcher.metrics import NullWriter
 from launcher.tasks import Task
@@ -47,13 +47,6 @@ class TrainState:
     best_step: int | None = None
     evals_since_best: int = 0
     early_stopped: bool = False  # ended by `early_stopping_patience` before its last step
-
-
-def best_maximises(metric: str, mode: str | None) -> bool:
-    """`best_mode`, or by the metric's name: losses and perplexities are minimised, the rest maximised."""
-    if mode is not None:
-        return mode == "max"
-    return not metric.removeprefix("eval/").split("/")[-1].endswith(("loss", "perplexity"))
 
 
 def step_seed(seed: int, step: int, index: int, purpose: int) -> int:
