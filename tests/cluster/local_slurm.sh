@@ -62,7 +62,7 @@ SlurmctldPort=$ctl_port
 SlurmdPort=$slurmd_port
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$dir/munge.socket,cred_expire=20
+AuthInfo=socket=$dir/munge.socket,cred_expire=10
 SlurmUser=root
 SlurmdUser=root
 ProctrackType=proctrack/linuxproc
@@ -73,6 +73,9 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 MpiDefault=none
 SchedulerType=sched/backfill
+# A test cluster of two nodes: pass over pending jobs every 2 s, not every 60 s (main) / 30 s (backfill),
+# so a requeued job starts as soon as its credential hold (cred_expire + 1 s) ends.
+SchedulerParameters=sched_interval=2,bf_interval=2
 StateSaveLocation=$dir/state
 SlurmdSpoolDir=$dir/spool-%n
 SlurmctldPidFile=$dir/slurmctld.pid
