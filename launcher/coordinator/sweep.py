@@ -210,15 +210,17 @@ def _concurrency(plan: SweepPlan, local: bool) -> tuple[dict[str, float], int | 
     cluster = plan.spec.cluster
     if local:
         return {"cpu": cluster.cpus_per_worker, "gpu": 1 if cluster.use_gpu else 0}, plan.sweep.max_concurrent_trials
+    # The trial only waits on its Ray Train run, whose workers take the resources; Tune needs a resource to place
+    # it, so it takes one byte of memory.
+    waiting = {"cpu": 0, "memory": 1}
     if plan.sweep.max_concurrent_trials is not None:
-        return {"cpu": 0}, plan.sweep.max_concurrent_trials
-    # The trial only waits on its Ray Train run, whose workers take the resources.
+        return waiting, plan.sweep.max_concurrent_trials
     total = ray.cluster_resources()
     if cluster.use_gpu:
         fits = int(total.get("GPU", 0) // cluster.num_workers)
     else:
         fits = int(total.get("CPU", 0) // (cluster.num_workers * cluster.cpus_per_worker))
-    return {"cpu": 0}, max(1, fits)
+    return waiting, max(1, fits)
 
 
 def _tune(plan: SweepPlan, local: bool, private: bool) -> dict[int, str]:
