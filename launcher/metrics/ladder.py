@@ -1,4 +1,5 @@
-"""What pre-training bought, at a glance: the job's classification stages ranked on their shared test set.
+"""What pre-training bought, at a glance: the job's classification stages (text or image) ranked on their shared
+test set.
 
 A job with two or more classification stages evaluated on the same files (the demo: fine-tuning from
 this job's pre-training, the same recipe from random initialisation, a packaged pretrained model) gets
@@ -31,7 +32,7 @@ def rungs(spec: JobSpec, results: list[StageResult]) -> tuple[float, list[Rung]]
     groups: dict[tuple[str, ...], list[tuple[StageSpec, StageResult]]] = {}
     for stage in spec.stages:
         result = done.get(stage.name)
-        if stage.task != "classification" or not stage.data.eval or result is None:
+        if stage.task not in ("classification", "image_classification") or not stage.data.eval or result is None:
             continue
         if result.eval.get("accuracy") is None:
             continue

@@ -3,7 +3,8 @@
 The encoder sees a random `1 - mae.mask_ratio` of each image's patches; a small decoder reconstructs the
 pixels of the hidden ones, scored by mean squared error on them (per patch normalised pixels with
 `mae.norm_pix_loss`). Which patches hide is the model's `noise` argument, drawn from the loop's
-generator: the same on any number of workers and on a resumed run. The export's ViT encoder starts an
+generator in training (the same on any number of workers and on a resumed run), seeded by the image's
+index in evaluation. The export's ViT encoder starts an
 `image_classification` stage (`init_from`), its decoder left behind, as an mlm export starts a text
 classifier.
 """
@@ -54,8 +55,15 @@ class MaskedAutoencoder(ImageTask):
         return (self.stage.image.size // self.stage.model.patch_size) ** 2
 
     def collate(self, samples: list[dict[str, Any]], generator: torch.Generator) -> dict[str, torch.Tensor]:
-        pixels = self.pixel_values(samples, generator)
-        return {"pixel_values": pixels, "noise": torch.rand((len(samples), self.num_patches()), generator=generator)}
+        """Training masks come from the loop's generator (keyed by step and micro-batch); an eval image's mask is
+        a function of the image alone, so the eval loss is the same whatever the ranks and batches."""
+        pixels, patches = self.pixel_values(samples, generator), self.num_patches()
+        if samples[0]["augment"]:
+            noise = torch.rand((len(samples), patches), generator=generator)
+        else:
+            seeded = (torch.Generator().manual_seed(int(s["index"])) for s in samples)
+            noise = torch.stack([torch.rand(patches, generator=own) for own in seeded])
+        return {"pixel_values": pixels, "noise": noise}
 
     def example_inputs(self, size: int) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.zeros((1, 3, size, size)), "noise": torch.rand((1, self.num_patches()))}
