@@ -2,14 +2,16 @@
 
 Run as: .venv/bin/python benchmarks/transfer_curve.py [--sizes 250,500,1000,2000,5000,all] [--seeds 0,1,2]
             [--starts random,demo,minilm] [--lr 1e-3,minilm=2e-4] [--cache runs/transfer] [--split test|validation]
-            [--plot-only]
+            [--choose-lr 2e-4,1e-3,3e-3 [--choose-at 2000]] [--plot-only]
 
 Every point is `launcher run benchmarks/transfer-finetune.yaml --local` with overrides (no side path):
 the same recipe for every start and size (3 epochs of the first N labeled reviews, at least
 --min-steps optimizer steps so that small sets get enough updates), scored on the 2,000 held-out
 test reviews, or with `--split validation` on 10% carved from the labeled training reviews (to choose
 settings without looking at the test set). The learning rate is the one setting chosen per start (on
-the validation split): `--lr RATE[,START=RATE...]`. Starting points, each made once through `launcher run`:
+the validation split): `--lr RATE[,START=RATE...]`, or `--choose-lr RATES`: per start, one `launcher sweep`
+(Ray Tune) of the rates x the seeds at `--choose-at` labels on the validation split, the best mean accuracy
+chosen. Starting points, each made once through `launcher run`:
   random        the demo's small BERT from random initialisation (the demo's tokenizer: only weights differ)
   demo          the demo's pre-training export (`jobs/demo.yaml --stage pretrain --local`, ~4 min): masked LM
                 from co-occurrence embeddings (`embedding_init.method: cooccurrence`), as jobs/transfer.yaml's
@@ -76,6 +78,13 @@ def whole_numbers(text: str) -> list[int]:
         return [int(part) for part in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+
+
+def rate_list(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of rates") from None
 
 
 def label_counts(text: str) -> list[int | None]:
@@ -166,25 +175,65 @@ def point_dir(cache: Path, split: str, lr: float, start: str, size: int | None, 
 SUMMARY = Path("transfer") / "finetune" / "summary.json"  # under a point's folder
 
 
+def recipe_overrides(start: str, size: int | None, split: str, args: argparse.Namespace, total: int) -> list[str]:
+    """The recipe at a start and a size: the start, the first `size` labeled reviews, the steps, the eval split."""
+    labels = size or total
+    steps = max(math.ceil(3 * labels / 32), args.min_steps)
+    overrides = [
+        *start_overrides(start, args.cache, args.pretrain_steps),
+        f"stages.0.max_steps={args.max_steps or steps}",
+    ]
+    if size is not None:
+        overrides.append(f"stages.0.data.max_train_samples={size}")
+    if split == "validation":  # 10% of the labeled training reviews, held out before the first N are taken
+        overrides += ["stages.0.data.eval=[]", "stages.0.data.eval_fraction=0.1"]
+    if args.max_eval:
+        overrides.append(f"stages.0.data.max_eval_samples={args.max_eval}")
+    return overrides
+
+
 def run_point(start: str, size: int | None, seed: int, args: argparse.Namespace, total: int, lr: float) -> None:
     """One fine-tuning, unless its summary is cached."""
-    split = args.split
-    out = point_dir(args.cache, split, lr, start, size, seed)
+    out = point_dir(args.cache, args.split, lr, start, size, seed)
     if not (out / SUMMARY).is_file():
-        labels = size or total
-        steps = max(math.ceil(3 * labels / 32), args.min_steps)
         overrides = [f"output_dir={out}", f"seed={seed}", f"stages.0.optim.lr={lr}",
-                     *start_overrides(start, args.cache, args.pretrain_steps)]  # fmt: skip
-        overrides += [f"stages.0.max_steps={args.max_steps or steps}"]
-        if size is not None:
-            overrides.append(f"stages.0.data.max_train_samples={size}")
-        if split == "validation":  # 10% of the labeled training reviews, held out before the first N are taken
-            overrides += ["stages.0.data.eval=[]", "stages.0.data.eval_fraction=0.1"]
-        if args.max_eval:
-            overrides.append(f"stages.0.data.max_eval_samples={args.max_eval}")
+                     *recipe_overrides(start, size, args.split, args, total)]  # fmt: skip
         launcher("run", str(JOB), "--local", *overrides)
         for name in ("checkpoints", "model"):  # the curve needs the score, not the weights
             shutil.rmtree(out / "transfer" / "finetune" / name, ignore_errors=True)
+
+
+def choose_rate(start: str, args: argparse.Namespace, total: int) -> float:
+    """`--choose-lr`: `launcher sweep` of the fine-tuning's learning rate (x the seeds) at --choose-at labels on the
+    validation split (Ray Tune, trials side by side); the rate with the best mean validation accuracy over seeds.
+    The sweep's table is kept (cached: the same choice is not run again), the trials' weights are not."""
+    size, candidates, seeds = args.choose_at, args.choose_lr, args.seeds
+    key = "lr" + "-".join(f"{rate:g}" for rate in candidates) + "_seeds" + "-".join(map(str, seeds))
+    out = args.cache / "lr-choice" / start / f"n{size or 'all'}" / key
+    stage = out / "transfer" / "finetune"
+    if not (stage / "sweep.json").is_file():
+        grid = (
+            f"{{params: {{optim.lr: {{grid: {list(candidates)}}}, seed: {{grid: {list(seeds)}}}}}, metric: accuracy}}"
+        )
+        print(f"choosing {start}'s learning rate among {', '.join(f'{r:g}' for r in candidates)} ...", flush=True)
+        launcher("sweep", str(JOB), "--stage", "finetune", "--local", f"output_dir={out}",
+                 f"stages.0.sweep={grid}", *recipe_overrides(start, size, "validation", args, total))  # fmt: skip
+        for path in [
+            stage / "model",
+            *stage.glob("trials/*/finetune/model"),
+            *stage.glob("trials/*/finetune/checkpoints"),
+        ]:
+            shutil.rmtree(path, ignore_errors=True)
+    trials = json.loads((stage / "sweep.json").read_text())["trials"]
+    means = {}
+    for rate in candidates:
+        scores = [t["score"] for t in trials if t["optim.lr"] == rate and t["score"] is not None]
+        means[rate] = statistics.mean(scores) if scores else float("nan")
+    chosen = max((r for r in candidates if not math.isnan(means[r])), key=lambda r: means[r])
+    shown = " | ".join(f"{rate:g} {means[rate]:.4f}" for rate in candidates)
+    print(f"{start}: validation accuracy at {size or total} labels, mean of seeds {seeds}: {shown} -> lr {chosen:g}",
+          flush=True)  # fmt: skip
+    return chosen
 
 
 def cached_rows(cache: Path, split: str, rates: Rates, total: int,
@@ -271,6 +320,11 @@ def main() -> None:
     # 2e-4 / 1e-3; minilm-dapt is the same encoder and takes MiniLM's rate.
     parser.add_argument("--lr", type=learning_rates, default="1e-3,minilm=2e-4,minilm-dapt=2e-4",
                         help="RATE[,START=RATE...]: the fine-tuning rate, per start")  # fmt: skip
+    parser.add_argument("--choose-lr", type=rate_list, metavar="RATE,RATE,...",
+                        help="choose each start's rate among these by a `launcher sweep` on the validation "
+                        "split (mean over --seeds at --choose-at labels); it replaces --lr for the curve's points",
+                        )  # fmt: skip
+    parser.add_argument("--choose-at", type=label_counts, default="2000", help="labels at which --choose-lr chooses")
     parser.add_argument("--min-steps", type=int, default=250, help="fewest optimizer steps at any size")
     parser.add_argument("--plot-only", action="store_true", help="tabulate and plot the cache; run nothing")
     parser.add_argument("--pretrain-steps", type=int, help="(tests) pre-training steps of every made start")
@@ -282,6 +336,9 @@ def main() -> None:
     total = labeled_reviews()
     sizes, seeds, starts, rates = args.sizes, args.seeds, args.starts, args.lr
     args.cache.mkdir(parents=True, exist_ok=True)
+    args.choose_at = args.choose_at[0]
+    if args.choose_lr and not args.plot_only:
+        rates = Rates(rates.default, {**rates.own, **{start: choose_rate(start, args, total) for start in starts}})
     for start in [] if args.plot_only else starts:
         lr = rates.of(start)
         for size in sizes:

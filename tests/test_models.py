@@ -30,6 +30,9 @@ def test_preset_builds_the_published_model(name: str) -> None:
 
     from launcher.models.configs import hf_config
 
+    if PRESETS[name]["family"] in ("vit", "resnet"):
+        image_preset_builds_the_published_backbone(name)
+        return
     task = "mlm" if PRESETS[name]["family"] == "bert" else "clm"
     spec = load_spec(TINY, [f"stages.0.model={{preset: {name}}}", "stages.0.tokenizer={}", f"stages.0.task={task}"])
     model = spec.stages[0].model
@@ -39,6 +42,25 @@ def test_preset_builds_the_published_model(name: str) -> None:
     auto = transformers.AutoModel if model.family == "bert" else transformers.AutoModelForCausalLM
     with torch.device("meta"):
         built = auto.from_config(config)
+    assert sum(p.numel() for p in built.parameters()) == PUBLISHED_PARAMS[name]
+
+
+def image_preset_builds_the_published_backbone(name: str) -> None:
+    """An image preset's backbone (ViTModel without its pooler, ResNetModel) at 224x224 has the published count."""
+    import torch
+    import transformers
+
+    from launcher.tasks.image_classification import ImageClassification
+
+    spec = load_spec(
+        ROOT / "jobs" / "vision-mae.yaml", [f"stages.2.model={{preset: {name}}}", "stages.2.image.size=224"]
+    )
+    config = ImageClassification(spec.stages[2], None).config(spec.stages[2].model, 0)
+    with torch.device("meta"):
+        if config.model_type == "vit":
+            built = transformers.ViTModel(config, add_pooling_layer=False)
+        else:
+            built = transformers.ResNetModel(config)
     assert sum(p.numel() for p in built.parameters()) == PUBLISHED_PARAMS[name]
 
 

@@ -110,8 +110,9 @@ class ModelSpec(Section):
     preset: str | None = Field(
         default=None,
         description="A published architecture whose sizes fill this section (fields set here win): "
-        "bert-base, bert-large, gpt2, gpt2-medium, smollm2-135m, smollm2-360m, tinyllama-1.1b. It also sets "
-        "tokenizer.vocab_size unless the stage does. Listed with their sources in launcher/jobspec/presets.py.",
+        "bert-base, bert-large, gpt2, gpt2-medium, smollm2-135m, smollm2-360m, tinyllama-1.1b (text; they also set "
+        "tokenizer.vocab_size unless the stage does), vit-base-patch16, resnet-18, resnet-50 (images). Listed "
+        "with their sources in launcher/jobspec/presets.py.",
     )
     family: Literal["bert", "gpt2", "llama", "vit", "resnet"] = Field(
         default="bert",
@@ -161,8 +162,9 @@ class ModelSpec(Section):
     )
     depths: list[PositiveInt] | None = Field(
         default=None,
-        description="resnet: residual blocks per stage, one entry per stage (the first stage hidden_size wide, "
-        "each later one twice the one before); default [2] x num_layers.",
+        description="resnet: residual blocks per stage, one entry per stage (the first stage's output hidden_size "
+        "wide, each later one twice the one before; the stem a quarter of hidden_size with bottleneck blocks, all "
+        "of it with basic ones); default [2] x num_layers.",
     )
     block: Literal["basic", "bottleneck"] = Field(
         default="basic",

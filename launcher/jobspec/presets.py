@@ -10,6 +10,10 @@ litgpt's `config_hub` and torchtitan's model registries carry for these families
 - smollm2-135m, smollm2-360m: Hugging Face's SmolLM2 (`HuggingFaceTB/SmolLM2-135M`, `-360M`), the
   llama architecture with grouped-query attention and tied embeddings; 135 M / 362 M.
 - tinyllama-1.1b: TinyLlama (`TinyLlama/TinyLlama_v1.1`), llama-2's architecture at 22 layers; 1.10 B.
+- vit-base-patch16: ViT-B/16 (Dosovitskiy et al. 2021; `google/vit-base-patch16-224`) at 224x224 pixels,
+  the image_classification / mae encoder; 85.8 M in `ViTModel` without its pooler.
+- resnet-18, resnet-50: He et al. 2016 (`microsoft/resnet-18`, `microsoft/resnet-50`), basic and bottleneck
+  blocks; 11.2 M / 23.5 M in `ResNetModel` (the ImageNet classifier adds 0.5 M / 2.0 M).
 
 Torch-free: the spec layer applies these before any model is built.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-# model-section fields, plus `vocab_size` (the tokenizer's, when the stage sets none).
+# model-section fields, plus `vocab_size` (the tokenizer's, when the stage sets none; image models have none).
 PRESETS: dict[str, dict[str, Any]] = {
     "bert-base": {
         "family": "bert", "hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072,
@@ -51,10 +55,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "intermediate_size": 5632, "max_position_embeddings": 2048, "dropout": 0.0, "tie_embeddings": False,
         "rope_theta": 10000.0, "norm_eps": 1e-5, "vocab_size": 32000,
     },
+    "vit-base-patch16": {
+        "family": "vit", "hidden_size": 768, "num_layers": 12, "num_heads": 12, "intermediate_size": 3072,
+        "patch_size": 16, "dropout": 0.0,
+    },
+    "resnet-18": {"family": "resnet", "hidden_size": 64, "num_layers": 4, "depths": [2, 2, 2, 2], "block": "basic"},
+    "resnet-50": {
+        "family": "resnet", "hidden_size": 256, "num_layers": 4, "depths": [3, 4, 6, 3], "block": "bottleneck",
+    },
 }  # fmt: skip
 
 # Parameters as published, what a preset must build (checked by a test): BERT's encoder (`BertModel`), a
-# decoder's causal LM (its output layer counted once when tied to the embeddings).
+# decoder's causal LM (its output layer counted once when tied to the embeddings), an image model's backbone
+# (`ViTModel` without its pooler, `ResNetModel`).
 PUBLISHED_PARAMS: dict[str, int] = {
     "bert-base": 109_482_240,
     "bert-large": 335_141_888,
@@ -63,6 +76,9 @@ PUBLISHED_PARAMS: dict[str, int] = {
     "smollm2-135m": 134_515_008,
     "smollm2-360m": 361_821_120,
     "tinyllama-1.1b": 1_100_048_384,
+    "vit-base-patch16": 85_798_656,
+    "resnet-18": 11_176_512,
+    "resnet-50": 23_508_032,
 }
 
 
@@ -74,4 +90,4 @@ def preset_fields(name: str) -> dict[str, Any]:
 
 
 def preset_vocab_size(name: str) -> int | None:
-    return PRESETS[name]["vocab_size"] if name in PRESETS else None
+    return PRESETS[name].get("vocab_size") if name in PRESETS else None

@@ -44,7 +44,8 @@ class ImageClassification(ImageTask, Classification):
         if model.family == "resnet":
             depths = model.depths or [2] * model.num_layers
             return ResNetConfig(
-                embedding_size=model.hidden_size, hidden_sizes=[model.hidden_size * 2**i for i in range(len(depths))],
+                embedding_size=model.hidden_size // (4 if model.block == "bottleneck" else 1),
+                hidden_sizes=[model.hidden_size * 2**i for i in range(len(depths))],
                 depths=depths, layer_type=model.block, downsample_in_first_stage=False, **common,
             )  # fmt: skip
         return ViTConfig(
