@@ -44,6 +44,23 @@ class StagePaths:
         )
 
 
+# MLflow's HTTP client retries a tracking server that does not answer for minutes by default; both sides of a
+# `TrackerRun` (the driver and rank 0) set these before their first request, so a dead server fails fast.
+MLFLOW_FAST_FAIL_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+@dataclass(frozen=True)
+class TrackerRun:
+    """The MLflow run of a stage (`metrics.mlflow`): the driver makes and ends it, rank 0 logs the metrics into it."""
+
+    tracking_uri: str
+    run_id: str
+
+
 @dataclass(frozen=True)
 class StageLaunch:
     """One stage as the driver hands it to its ranks: the validated spec, the plan, the resolved paths."""
@@ -55,6 +72,7 @@ class StageLaunch:
     # The driver's checkpoint verdicts (`launcher.checkpoint_manifest.verdicts`): rank 0 does not hash a
     # folder again that the driver hashed, unless a file of it changed since.
     checkpoint_verdicts: tuple[Any, ...] = ()
+    mlflow_run: TrackerRun | None = None  # with `metrics.mlflow`, when its store answered
 
     @property
     def stage(self) -> StageSpec:

@@ -6,6 +6,7 @@ checkpoint. The backend (local process or Ray) only runs one stage's ranks.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import shutil
 import signal
@@ -25,6 +26,7 @@ from launcher.checkpoint_manifest import (
 from launcher.contract import StageLaunch, StageResult
 from launcher.coordinator.signals import Interrupted, StopOnSignal
 from launcher.coordinator.start_check import check_start
+from launcher.coordinator.tracking import MlflowTracker
 from launcher.data.prepare import JobRunner, PreparedStage, prepare_job, run_jobs_locally
 from launcher.errors import UserError
 from launcher.jobspec import layout
@@ -196,19 +198,28 @@ def _run_stages(
             if not layout.summary_path(spec, name).exists():  # written only when a stage completes
                 raise UserError(f"--stage: {only} reads stage {name!r}, which has not completed; run it first")
     prepared, plans = resolve(spec, local, only=only, run_jobs=run_jobs)
-    results = []
-    for index, plan in enumerate(plans):
-        if selected is not None and index != selected:
-            continue
-        if signals.signum is not None:
-            print(f"stopped before stage {plan.name}; re-run to go on", flush=True)
-            return None
-        result = _run_one(spec, index, plan, prepared, run_stage, signals)
-        if result.stopped:
-            print(f"stage {plan.name}: stopped at step {result.steps} after a checkpoint; re-run to resume")
-            return None
-        results.append(result)
-    return results
+    tracker = MlflowTracker.open(spec)  # None without metrics.mlflow, or when its store does not answer
+    status = "FAILED"
+    try:
+        results = []
+        for index, plan in enumerate(plans):
+            if selected is not None and index != selected:
+                continue
+            if signals.signum is not None:
+                print(f"stopped before stage {plan.name}; re-run to go on", flush=True)
+                status = "KILLED"
+                return None
+            result = _run_one(spec, index, plan, prepared, run_stage, signals, tracker)
+            if result.stopped:
+                print(f"stage {plan.name}: stopped at step {result.steps} after a checkpoint; re-run to resume")
+                status = "KILLED"
+                return None
+            results.append(result)
+        status = "FINISHED"
+        return results
+    finally:
+        if tracker is not None:
+            tracker.close(status)
 
 
 def _run_one(
@@ -218,8 +229,10 @@ def _run_one(
     prepared: dict[str, PreparedStage],
     run_stage: StageRunner,
     signals: StopOnSignal,
+    tracker: MlflowTracker | None = None,
 ) -> StageResult:
-    """Stage `index`: skipped when complete; else checked, then run through `run_stage`."""
+    """Stage `index`: skipped when complete; else checked, then run through `run_stage` (in its own MLflow run,
+    nested under the job's, with `metrics.mlflow`)."""
     done = completed_result(spec, plan)
     if done is not None:
         print(f"stage {plan.name}: already complete ({done.steps} steps), skipped", flush=True)
@@ -238,9 +251,15 @@ def _run_one(
     # it is not a request to this run.
     (stage_dir / layout.STOP_FILE).unlink(missing_ok=True)
     signals.watch(stage_dir / layout.STOP_FILE)
+    if tracker is not None:
+        launch = dataclasses.replace(launch, mlflow_run=tracker.stage_run(spec, index, plan))
+    result = None
     try:
-        return run_stage(launch)
+        result = run_stage(launch)
+        return result
     finally:
+        if tracker is not None:
+            tracker.stage_done(launch, result)
         signals.watch(None)
         (stage_dir / layout.STOP_FILE).unlink(missing_ok=True)  # asked for after the stage's last step: not needed
 

@@ -88,6 +88,29 @@ class SlurmSpec(Section):
         return value
 
 
+class MlflowSpec(Section):
+    """MLflow as a second tracker beside TensorBoard: a run per stage, nested under a run for the job."""
+
+    tracking_uri: str | None = Field(
+        default=None,
+        description="Where runs go: a tracking server (`http://host:5000`) or a database URI; default a SQLite "
+        "store in the job's folder (`<output_dir>/<name>/mlflow.db`, artifacts in `mlartifacts/` beside it; view it "
+        "with `mlflow ui --backend-store-uri sqlite:///<that file>`). Needs the `mlflow` extra "
+        "(`pip install -e '.[mlflow]'`). An unreachable server is a warning: the job runs with TensorBoard alone.",
+    )
+    experiment: str | None = Field(default=None, description="MLflow experiment of the runs; default the job's name.")
+
+
+class MetricsSpec(Section):
+    """Trackers besides TensorBoard, metrics.jsonl and the console (always written)."""
+
+    mlflow: MlflowSpec | None = Field(
+        default=None,
+        description="Also log to MLflow (`mlflow: {}` for the local store): each stage's resolved spec as params, "
+        "its metrics at every logged step, its export and summary as artifacts.",
+    )
+
+
 class DeepSpeedSpec(Section):
     """The DeepSpeed engine every rank builds; the JSON config is generated from this section."""
 
@@ -778,6 +801,9 @@ class JobSpec(Section):
     seed: int = Field(default=0, ge=0, description="Seed for init, data order, masking and dropout.")
     cluster: ClusterSpec = Field(default_factory=ClusterSpec, description="Workers and Ray.")
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed engine.")
+    metrics: MetricsSpec = Field(
+        default_factory=lambda: MetricsSpec(), description="Trackers besides TensorBoard (MLflow)."
+    )
     stages: list[StageSpec] = Field(min_length=1, description="Stages, run in order.")
     sweep: SweepSpec | None = Field(
         default=None,

@@ -10,6 +10,7 @@ import json
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,13 @@ class NullWriter:
 class MetricsWriter(NullWriter):
     """TensorBoard + jsonl + console for rank 0. On resume, records after `start_step` are dropped."""
 
-    def __init__(self, stage_dir: Path, stage_name: str, start_step: int, total_steps: int) -> None:
+    def __init__(
+        self, stage_dir: Path, stage_name: str, start_step: int, total_steps: int, sinks: Sequence[Any] = ()
+    ) -> None:
+        """`sinks`: more trackers, each with `log(step, scalars)` and `close()` (MLflow's, with `metrics.mlflow`)."""
         from torch.utils.tensorboard import SummaryWriter
+
+        self.sinks = list(sinks)
 
         self.jsonl_path = stage_dir / "metrics.jsonl"
         kept = [line for line in _records(self.jsonl_path) if json.loads(line)["step"] <= start_step]
@@ -164,6 +170,8 @@ class MetricsWriter(NullWriter):
         self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **scalars}) + "\n")
         self.jsonl.flush()
         self.tb.flush()
+        for sink in self.sinks:
+            sink.log(step, scalars)
 
     def text(self, tag: str, value: str) -> None:
         self.tb.add_text(tag, value)
@@ -190,6 +198,8 @@ class MetricsWriter(NullWriter):
             self.bar.close()
         self.jsonl.close()
         self.tb.close()
+        for sink in self.sinks:
+            sink.close()
 
 
 def json_safe(value: Any) -> Any:

@@ -100,7 +100,14 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
     computes_in = compute_precision(engine.module)
     shapes = matmul_shapes(engine.module, plan.micro_batch_size * plan.seq_len)
     peak, peak_source = peak_flops(ctx.device, computes_in, shapes)
-    writer = MetricsWriter(paths.stage_dir, stage.name, state.step, plan.steps) if ctx.is_main else NullWriter()
+    writer: NullWriter = NullWriter()
+    if ctx.is_main:
+        sinks = []
+        if launch.mlflow_run is not None:
+            from launcher.metrics.mlflow_sink import MlflowMetrics
+
+            sinks.append(MlflowMetrics(launch.mlflow_run))
+        writer = MetricsWriter(paths.stage_dir, stage.name, state.step, plan.steps, sinks)
     if state.step == 0:
         writer.text("spec", "```\n" + yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False) + "```")
         writer.text("deepspeed_config", "```\n" + json.dumps(ds_config, indent=1) + "```")
