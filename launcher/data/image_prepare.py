@@ -28,7 +28,7 @@ import sys
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -255,7 +255,11 @@ def _plan(
     for source in sources:
         for start in range(0, min(len(source), left), chunk):
             stop = min(start + chunk, len(source), left)
-            jobs.append(ImageJob(source, start, stop, first_shard + len(jobs), str(work), size, stage.image.channels,
+            part = source  # a folder's job carries only its own files (one pickle per task)
+            if source.kind == "folder":
+                files, ids = source.files[start:stop], source.labels[start:stop]
+                part, start, stop = replace(source, files=files, labels=ids), 0, stop - start
+            jobs.append(ImageJob(part, start, stop, first_shard + len(jobs), str(work), size, stage.image.channels,
                                  split, stage.data.eval_fraction, seed, labelled))  # fmt: skip
         left -= min(len(source), left)
         if left <= 0:
@@ -309,7 +313,7 @@ def _three(values: list[float]) -> list[float]:
     return list(values) * 3 if len(values) == 1 else list(values)
 
 
-def _normalisation(spec: JobSpec, index: int, work: Path, train: ImageStore) -> tuple[list[float], list[float]]:
+def _normalisation(spec: JobSpec, index: int, train: ImageStore) -> tuple[list[float], list[float]]:
     """The spec's mean and std, else the start model's processor's, else measured on the training images;
     the start model's image size must be the stage's."""
     stage = spec.stages[index]
@@ -403,7 +407,7 @@ def _prepare_into(spec: JobSpec, index: int, sources: dict[str, list[ImageSource
                     f"{field}.{split}: a label id {int(values.max())} has no name in data.labels ({len(data.labels)} "
                     "labels, ids from 0)"
                 )
-    mean, std = _normalisation(spec, index, work, train)
+    mean, std = _normalisation(spec, index, train)
     save_processor(work / "tokenizer", stage.image.size, mean, std)
     atomic.write_json(work / META_FILE, {**meta, "mean": mean, "std": std})
     return PreparedStage(len(train), len(evaluation), len(train), 0)
