@@ -122,6 +122,7 @@ class StageResult:
     weight_bytes: int = 0  # rank 0's weights (its partition under ZeRO-3)
     best: dict[str, Any] | None = None  # with `best_metric`: {"metric", "value", "step"} of the exported checkpoint
     early_stopped_at: int | None = None  # the step `early_stopping_patience` ended the stage at
+    test: dict[str, float | None] | None = None  # with `data.validation_fraction`: the export on the test set
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -269,6 +269,7 @@ def render_results(spec: JobSpec, results: list[StageResult], what: str = "job")
     for result in results:
         # per-type figures (`f1/person`) stay in summary.json and TensorBoard: one line per stage here
         evals = " ".join(f"eval_{k} {v:.4f}" for k, v in result.eval.items() if v is not None and "/" not in k)
+        evals += "".join(f" test_{k} {v:.4f}" for k, v in (result.test or {}).items() if v is not None and "/" not in k)
         evals += "".join(f" ({k} {v:.4f})" for k, v in result.reference.items())
         loss = result.train_loss
         lines.append(

@@ -41,6 +41,7 @@ from launcher.data.shard_task import (
 )
 from launcher.data.store import META_FILE, BlockDataset, ShardInfo, TokenStore, block_prefix, token_dtype
 from launcher.data.tokenizer import load_tokenizer, separator_id, train_tokenizer
+from launcher.data.validation import VALIDATION_FILE, carve
 from launcher.errors import UserError
 from launcher.jobspec import layout
 from launcher.jobspec.models import IMAGE_TASKS, JobSpec, StageSpec
@@ -345,7 +346,13 @@ def _prepare_into(spec: JobSpec, index: int, work: Path, run_jobs: JobRunner) ->
     shard_lists = {split: [shard.__dict__ for shard in shards] for split, shards in splits.items()}
     atomic.write_json(work / META_FILE, {"dtype": dtype, "splits": shard_lists, "sources": layout_of_sources})
     train, evaluation = TokenStore.read(work, "train"), TokenStore.read(work, "eval")
-    if classify:
+    if classify and data.validation_fraction is not None:
+        # The validation set is carved from the training documents; the eval split becomes the test set.
+        labels = train.labels if stage.task == "classification" else None
+        held = carve(train.num_docs, data.validation_fraction, spec.seed, labels, f"{field}.validation_fraction")
+        np.save(work / VALIDATION_FILE, held)
+        num_train, num_eval = train.num_docs - len(held), len(held)
+    elif classify:
         num_train, num_eval = train.num_docs, evaluation.num_docs
     else:
         prefix = block_prefix(stage.task, tok)

@@ -288,6 +288,17 @@ class DataSpec(Section):
         description="Share of train held out for eval when `eval` is empty: each document is held out when a "
         "seeded hash of its text falls below it (streamed, order-free; equal texts share a split).",
     )
+    validation_fraction: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="classification, token_classification: hold out this share of the training documents (after "
+        "max_train_samples) as the validation set that evaluation during training, best_metric and early stopping "
+        "read, drawn by the job's seed and, for classification, in each label's proportion (scikit-learn's "
+        "stratified train_test_split). The eval set (`eval` files or the eval_fraction hold-out) is then the test "
+        "set: scored once, on the exported model, into the summary's `test`. Default: none (evaluation reads the "
+        "eval set).",
+    )
     text_field: str = Field(default="text", description="Column holding the text (jsonl/csv/parquet).")
     label_field: str = Field(default="label", description="Column holding the label (classification).")
     labels: list[str] = Field(
@@ -743,6 +754,10 @@ class StageSpec(Section):
             raise ValueError("data.document_mask: only for task clm (packed causal LM blocks)")
         if self.data.group_by_length and self.task not in ("classification", "token_classification"):
             raise ValueError("data.group_by_length: only for classification (packed blocks all have seq_len tokens)")
+        if self.data.validation_fraction is not None and self.task not in ("classification", "token_classification"):
+            raise ValueError(
+                "data.validation_fraction: for classification and token_classification (labeled documents)"
+            )
         if self.task in ("classification", "token_classification") and self.data.sources:
             raise ValueError("data.sources: mixtures are for pre-training (mlm, clm, rtd); use data.train")
         if self.task in ("mlm", "clm", "rtd") and self.data.seq_len < 2:

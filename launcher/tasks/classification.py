@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.data.store import DocumentDataset, TokenStore
+from launcher.data.store import DocumentDataset
+from launcher.data.validation import document_split
 from launcher.tasks.base import EvalSums, Task, pad_batch
 
 
@@ -22,7 +23,7 @@ class Classification(Task):
         return len(self.stage.data.labels)
 
     def dataset(self, data_dir: Path, split: str, seed: int = 0) -> DocumentDataset:
-        return DocumentDataset(TokenStore.read(data_dir, split))
+        return DocumentDataset(document_split(data_dir, split))  # type: ignore[arg-type]
 
     def sample_lengths(self, dataset: Any) -> np.ndarray | None:
         return dataset.store.doc_lengths() if self.stage.data.group_by_length else None

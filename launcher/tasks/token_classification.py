@@ -17,8 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from launcher.data.store import TaggedDataset, TokenStore
+from launcher.data.store import TaggedDataset
 from launcher.data.token_labels import IGNORE_INDEX, is_iob2
+from launcher.data.validation import document_split
 from launcher.tasks.base import EvalSums, Task, pad_batch
 
 
@@ -66,7 +67,7 @@ class TokenClassification(Task):
         return len(self.labels)
 
     def dataset(self, data_dir: Path, split: str, seed: int = 0) -> TaggedDataset:
-        return TaggedDataset(TokenStore.read(data_dir, split))
+        return TaggedDataset(document_split(data_dir, split))  # type: ignore[arg-type]
 
     def sample_lengths(self, dataset: Any) -> np.ndarray | None:
         return dataset.store.doc_lengths() if self.stage.data.group_by_length else None

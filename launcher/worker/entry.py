@@ -7,6 +7,7 @@ paths resolved on the driver.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import time
@@ -27,6 +28,7 @@ from launcher.checkpoint_manifest import (
     verify,
 )
 from launcher.contract import StageLaunch, StageResult
+from launcher.data.validation import has_validation
 from launcher.errors import RunError, UserError
 from launcher.hooks import loop_hooks, verbose
 from launcher.jobspec.deepspeed_config import build_deepspeed_config
@@ -169,6 +171,13 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
             if ctx.is_main:
                 print(f"stage {stage.name}: exporting step {state.best_step}, the best {stage.best_metric} "
                       f"({state.best_value:.4f}), not the last step {state.step}", flush=True)  # fmt: skip
+        if has_validation(paths.data_dir):  # data.validation_fraction: the test set, scored once, on the export
+            loop.eval_set = task.dataset(paths.data_dir, "test", spec.seed)
+            test = loop.evaluate()
+            result = dataclasses.replace(result, test={key: json_safe(value) for key, value in test.items()})
+            table = task.metrics_table(test) if ctx.is_main else None
+            if table is not None:
+                print(f"stage {stage.name}: test set, the exported model\n{table}", flush=True)
         export_model(engine, tokenizer, paths.model_dir, ctx.is_main)
         if ctx.is_main:
             atomic.write_json(paths.summary, result.to_json())
