@@ -57,14 +57,17 @@ FULL = [
 
 PROBE = r"""
 import json, resource, sys, time
+from contextlib import nullcontext
 from pathlib import Path
 import torch
 from launcher.jobspec.load import load_spec
+from launcher.jobspec.plan import ArchitectureSizes, activation_bytes
 from launcher.tasks import build_task
 
 preset, task_name, micro, seq, ckpt = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+attention = sys.argv[6]
 spec = load_spec("benchmarks/scale.yaml", [f"stages.0.task={task_name}",
-                 f"stages.0.model={{preset: {preset}, activation_checkpointing: {ckpt}}}"])
+                 f"stages.0.model={{preset: {preset}, activation_checkpointing: {ckpt}, attention: {attention}}}"])
 stage = spec.stages[0]
 vocab = stage.tokenizer.vocab_size
 
@@ -84,33 +87,53 @@ batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": lab
 def rss():
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
-def step():
-    model(**batch).loss.backward()
+weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+saved = {}
+
+def pack(tensor):  # what autograd keeps for the backward pass, each storage once, the weights left out
+    storage = tensor.untyped_storage()
+    if storage.data_ptr() not in weights:
+        saved[storage.data_ptr()] = storage.nbytes()
+    return tensor
+
+def step(count_saved=False):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor) if count_saved else nullcontext():
+        loss = model(**batch).loss
+    loss.backward()
     model.zero_grad(set_to_none=True)
 
 before = rss()
-step()  # the first step's peak: activations, gradients and the kernels' temporaries
+step(count_saved=True)  # the first step's peak: activations, gradients and the kernels' temporaries
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 start = time.perf_counter()
 step()
 grads = sum(p.numel() * p.element_size() for p in model.parameters())
-print(json.dumps({"activations": peak - before - grads, "step_s": time.perf_counter() - start}))
+config = model.config
+sizes = ArchitectureSizes(config.hidden_size, config.num_hidden_layers, config.num_attention_heads, vocab,
+                          attention, ckpt == "true", on_gpu=torch.cuda.is_available())
+formula = activation_bytes(sizes, micro, seq, "fp32", task_name, stage.mask_probability())
+print(json.dumps({"activations": peak - before - grads, "saved": sum(saved.values()), "formula": formula,
+                  "step_s": time.perf_counter() - start}))
 """
 
 
-def probe_activations(preset: str, task: str, micro: int, seq: int) -> None:
+def probe_activations(preset: str, task: str, micro: int, seq: int, attention: str = "sdpa") -> None:
     result = {}
     for ckpt in ("false", "true"):
-        done = subprocess.run([sys.executable, "-c", PROBE, preset, task, str(micro), str(seq), ckpt], cwd=ROOT,
-                              capture_output=True, text=True, check=False)  # fmt: skip
+        command = [sys.executable, "-c", PROBE, preset, task, str(micro), str(seq), ckpt, attention]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             sys.exit(f"scale: activation probe of {preset} failed:\n{done.stderr[-3000:]}")
         result[ckpt] = json.loads(done.stdout.strip().splitlines()[-1])
     off, on = result["false"], result["true"]
-    print(f"activations, {preset} ({task}, micro-batch {micro} x {seq}, fp32, sdpa): checkpointing off "
+    print(f"activations, {preset} ({task}, micro-batch {micro} x {seq}, fp32, {attention}): checkpointing off "
           f"{off['activations'] / GiB:.2f} GiB at {off['step_s']:.1f} s/step, on {on['activations'] / GiB:.2f} GiB "
           f"at {on['step_s']:.1f} s/step: {off['activations'] / max(on['activations'], 1):.1f}x less memory for "
           f"x{on['step_s'] / off['step_s']:.2f} the time", flush=True)  # fmt: skip
+    for name, r in (("off", off), ("on", on)):
+        print(f"  checkpointing {name}: kept for backward {r['saved'] / GiB:.2f} GiB (the plan's formula "
+              f"{r['formula'] / GiB:.2f} GiB, x{r['saved'] / r['formula']:.2f}); the step's peak RSS beyond "
+              f"gradients {r['activations'] / GiB:.2f} GiB", flush=True)  # fmt: skip
 
 
 def overrides(row: tuple, workers: int, steps: int, out: Path) -> list[str]:
@@ -192,11 +215,16 @@ def plan_only(preset: str, workers: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="BERT-base alone (about 5 minutes on 2 quiet cores)")
+    parser.add_argument("--activations-only", action="store_true", help="the activation probes alone (sdpa, eager)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scale")
     args = parser.parse_args()
     probe_activations("bert-base", "mlm", 4, 512)
+    if args.activations_only or not args.quick:
+        probe_activations("bert-base", "mlm", 4, 512, attention="eager")
+    if args.activations_only:
+        return
     if not args.quick:
         probe_activations("gpt2", "clm", 4, 512)
     rows = []

@@ -104,11 +104,13 @@ def test_workers_of_an_allocation_have_one_rule_for_launcher_slurm_and_the_shell
 def test_memory_plan_of_bert_base_against_the_papers_formulas() -> None:
     """bert-base, masked LM, bf16, ZeRO-2 on 4 workers, micro-batch 8 x 512: weights 2 Psi, gradients 2 Psi / 4,
     optimizer state 12 Psi / 4 (ZeRO paper, mixed-precision Adam), activations 34 s b h per block (Korthikanti
-    et al., fused attention keeps no scores) plus fp32 logits and their gradient at the 15% masked positions."""
+    et al., fused attention on a GPU keeps no scores) plus fp32 logits and their gradient at the 15% masked
+    positions."""
     from launcher.jobspec.plan import memory_plan
 
     args = ["stages.0.model={preset: bert-base}", "stages.0.tokenizer={}", "stages.0.precision=bf16",
-            "stages.0.data.seq_len=512", "cluster.num_workers=4", "deepspeed.zero_stage=2"]  # fmt: skip
+            "stages.0.data.seq_len=512", "cluster.num_workers=4", "deepspeed.zero_stage=2",
+            "cluster.use_gpu=true"]  # fmt: skip
     spec = load_spec(TINY, args)
     psi = count_params(spec, spec.stages[0])
     assert 109_000_000 < psi < 111_000_000
@@ -121,6 +123,9 @@ def test_memory_plan_of_bert_base_against_the_papers_formulas() -> None:
     checkpointed = load_spec(TINY, [*args, "stages.0.model.activation_checkpointing=true"])
     saved = memory_plan(checkpointed, 0, plan, psi).activations
     assert saved == int(layers * 2 * s * b * h + 34 * s * b * h + 2 * 4 * b * s * vocab * 0.15)
+    # CPU workers: sdpa keeps the attention scores as eager attention does (the paper's 5 a s / h term).
+    on_cpu = memory_plan(load_spec(TINY, args[:-1]), 0, plan, psi).activations
+    assert on_cpu == int(layers * (34 + 5 * 12 * s / h) * s * b * h + 2 * 4 * b * s * vocab * 0.15)
     offload = load_spec(TINY, ["stages.0.model={preset: bert-base}", "stages.0.precision=bf16", "cluster.num_workers=4",
                                "deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true"])  # fmt: skip
     states = memory_plan(offload, 0, plan_stage(offload, 0, local=False), psi).states

@@ -127,14 +127,16 @@ def activation_bytes(
 
     Per transformer block, Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
     Transformer Models", eq. 2): s*b*h*(34 + 5*a*s/h) bytes with 16-bit activations; the 5*a*s/h
-    term (attention scores, softmax, dropout) is not kept by fused attention kernels (sdpa, flash).
-    fp32 doubles it. With activation checkpointing a block keeps only its input (2*s*b*h) and one
-    block at a time is recomputed in full. The output layer keeps fp32 logits and their gradient for
-    the scored positions (masked LM: the masked share only; classification: none worth counting).
+    term (attention scores, softmax, dropout) is not kept by fused attention kernels (sdpa, flash) on a
+    GPU; eager attention keeps it, and so does sdpa on the CPU (the tensors it keeps for the backward pass
+    are eager's, byte for byte: benchmarks/README.md, "Model sizes"). fp32 doubles it. With activation
+    checkpointing a block keeps only its input (2*s*b*h) and one block at a time is recomputed in full.
+    The output layer keeps fp32 logits and their gradient for the scored positions (masked LM: the
+    masked share only; classification: none worth counting).
     """
     s, b, h, a = seq_len, micro_batch, sizes.hidden_size, sizes.num_heads
     scale = 2.0 if precision == "fp32" else 1.0
-    per_block = s * b * h * (34 + (5 * a * s / h if sizes.attention == "eager" else 0)) * scale
+    per_block = s * b * h * (34 + (5 * a * s / h if sizes.keeps_attention_scores else 0)) * scale
     if sizes.activation_checkpointing:
         blocks = sizes.num_layers * 2 * s * b * h * scale + per_block
     else:
@@ -154,6 +156,12 @@ class ArchitectureSizes:
     vocab_size: int
     attention: str
     activation_checkpointing: bool
+    on_gpu: bool = True  # the plan is for GPU workers (`cluster.use_gpu` or `cluster.gpu_memory_gb`)
+
+    @property
+    def keeps_attention_scores(self) -> bool:
+        """Whether the attention probabilities stay for the backward pass (the 5*a*s/h term)."""
+        return self.attention == "eager" or not self.on_gpu
 
 
 @dataclass(frozen=True)
@@ -184,11 +192,12 @@ def _sizes(spec: JobSpec, stage: StageSpec) -> ArchitectureSizes | None:
     start = resolve_start(spec, stage)
     model, directory = start.model, start.model_dir
     own = stage.model
+    on_gpu = spec.cluster.use_gpu or spec.cluster.gpu_memory_gb is not None
     if stage.task in IMAGE_TASKS and model.family == "resnet" and directory is None:
         return None  # convolutions: the transformer estimate does not apply
     if directory is None:
         return ArchitectureSizes(model.hidden_size, model.num_layers, model.num_heads, start.vocab_size,
-                                 own.attention, own.activation_checkpointing)  # fmt: skip
+                                 own.attention, own.activation_checkpointing, on_gpu)  # fmt: skip
     try:
         config = json.loads((directory / "config.json").read_text())
         return ArchitectureSizes(
@@ -198,6 +207,7 @@ def _sizes(spec: JobSpec, stage: StageSpec) -> ArchitectureSizes | None:
             int(config.get("vocab_size") or 0),  # image models have none
             own.attention,
             own.activation_checkpointing,
+            on_gpu,
         )
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -390,10 +400,12 @@ def render_plan(spec: JobSpec, plans: list[StagePlan], local: bool) -> str:
             f"{_gib(states['gradients'])}, optimizer state {_gib(states['optimizer'])}{offloaded}"
         )
         checkpointing = "on" if stage.model.activation_checkpointing else "off"
+        gpu = spec.cluster.use_gpu or spec.cluster.gpu_memory_gb is not None
+        on_cpu = "; CPU workers keep the attention scores" if not gpu else ""
         if memory.activations is not None:
             lines.append(
                 f"  activations ~{_gib(memory.activations)} per micro-batch of {plan.micro_batch_size} x {plan.seq_len}"
-                f" (activation checkpointing {checkpointing}, attention {stage.model.attention})"
+                f" (activation checkpointing {checkpointing}, attention {stage.model.attention}{on_cpu})"
             )
         if memory.usable_bytes is not None:
             verdict = "fits" if memory.fits else "does NOT fit"
