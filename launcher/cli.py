@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, metavar="DIR", help="folder for the prediction files")
     predict.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default 64)")
     predict.add_argument("--local", action="store_true", help="one process, no Ray")
+    predict.add_argument("--aggregation", choices=("first", "max", "average", "simple"), default="first",
+                         help="token classification: how sub-tokens join into words and entities (transformers' "
+                         "aggregation_strategy; default first)")  # fmt: skip
     sweep = commands.add_parser(
         "sweep",
         help="trials of one stage over its sweep section on Ray Tune; the best trial's export becomes the stage's",
@@ -106,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.batch_size < 1:
                 raise UserError(f"--batch-size: {args.batch_size} is not a positive number")
-            request = resolve_request(args.spec, args.overrides, args.stage, args.input, args.output, args.batch_size)
+            request = resolve_request(
+                args.spec, args.overrides, args.stage, args.input, args.output, args.batch_size, args.aggregation
+            )
             return run_predict(request, args.local)
         if args.command == "sweep":
             from launcher.coordinator.sweep import run_sweep

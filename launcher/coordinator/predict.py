@@ -1,9 +1,11 @@
-"""`launcher predict`: run a stage's export (or any sequence-classification export) over files of new text.
+"""`launcher predict`: run a stage's export (or any sequence- or token-classification export) over files of new text.
 
 Run as: launcher predict jobs/demo.yaml --stage finetune --input 'new/*.jsonl' --output predictions/
 
 Each input file gives one output file of the same name and format under the output folder: the input's
-rows in their order, with `predicted_label`, `predicted_score` and a `score_<label>` column per label.
+rows in their order, with `predicted_label`, `predicted_score` and a `score_<label>` column per label (a
+token-classification export: `predicted_tags`, [word, tag] per word, and `predicted_entities`, the spans
+transformers' token-classification pipeline gives, both as JSON).
 `--local` runs one process over the files in chunks (bounded memory); otherwise the files are a Ray Data
 dataset, mapped by one model actor per worker (`cluster.num_workers`, `cluster.cpus_per_worker` each, a GPU
 each with `cluster.use_gpu`) on the cluster `run` would use, in order, and written file by file.
@@ -16,6 +18,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from launcher.errors import UserError
 from launcher.inference.files import TableWriter, expand_inputs, line_of, read_chunks, table_format
@@ -36,13 +39,31 @@ class PredictRequest:
     output_dir: Path
     batch_size: int
     spec: JobSpec | None
+    tagger: bool = False  # a token-classification export (word tags and entity spans), else sequence classification
+    aggregation: str = "first"  # how a token tagger joins sub-tokens into words (transformers' aggregation_strategy)
+
+    def predictor(self) -> tuple[type, dict[str, Any]]:
+        """The model class for this export and its constructor's arguments (the same locally and on Ray)."""
+        from launcher.inference.predictor import TextClassifier, TokenTagger
+
+        kwargs: dict[str, Any] = {"model_dir": str(self.model_dir.resolve()), "text_field": self.text_field,
+                                  "batch_size": self.batch_size, "max_length": self.max_length}  # fmt: skip
+        if self.tagger:
+            return TokenTagger, {**kwargs, "aggregation": self.aggregation}
+        return TextClassifier, kwargs
 
 
 def resolve_request(
-    target: str, overrides: list[str], stage: str | None, inputs: str, output: str, batch_size: int
+    target: str,
+    overrides: list[str],
+    stage: str | None,
+    inputs: str,
+    output: str,
+    batch_size: int,
+    aggregation: str = "first",
 ) -> PredictRequest:
     """The export, text field and files of a `launcher predict` command, checked before anything runs."""
-    from launcher.inference.predictor import TextClassifier
+    from launcher.inference.predictor import TextClassifier, TokenTagger
 
     path = Path(target)
     spec = None
@@ -54,10 +75,10 @@ def resolve_request(
         from launcher.jobspec.load import load_spec
 
         spec = load_spec(target, overrides)
-        names = [s.name for s in spec.stages if s.task == "classification"]
+        names = [s.name for s in spec.stages if s.task in ("classification", "token_classification")]
         if stage is None:
             if not names:
-                raise UserError(f"{target}: no classification stage to predict with")
+                raise UserError(f"{target}: no classification or token_classification stage to predict with")
             stage = names[-1]
         if stage not in [s.name for s in spec.stages]:
             raise UserError(
@@ -70,20 +91,22 @@ def resolve_request(
             raise UserError(f"--stage: {stage} has no export at {model_dir}; run the job first")
     if not (model_dir / "config.json").is_file():
         raise UserError(f"{target}: not an exported model (no config.json)")
-    if not TextClassifier.architecture_ok(model_dir):
-        raise UserError(f"{model_dir}: predict takes a sequence-classification export")
+    tagger = TokenTagger.architecture_ok(model_dir)
+    if not tagger and not TextClassifier.architecture_ok(model_dir):
+        raise UserError(f"{model_dir}: predict takes a sequence-classification or token-classification export")
     files = expand_inputs(inputs)
     out = Path(output)
     if out.resolve() in {f.parent.resolve() for f in files}:
         raise UserError(f"--output: {output} holds the inputs; name another folder")
-    return PredictRequest(model_dir, text_field, max_length, files, out, batch_size, spec)
+    return PredictRequest(model_dir, text_field, max_length, files, out, batch_size, spec, tagger, aggregation)
 
 
 def predict_local(request: PredictRequest) -> int:
     """One process: each file in chunks of CHUNK_ROWS rows, through one model, written as it goes."""
-    from launcher.inference.predictor import MissingText, TextClassifier
+    from launcher.inference.predictor import MissingText
 
-    classifier = TextClassifier(str(request.model_dir), request.text_field, request.batch_size, request.max_length)
+    predictor_class, kwargs = request.predictor()
+    classifier = predictor_class(**kwargs)
     total = 0
     for path in request.inputs:
         writer = TableWriter(request.output_dir / path.name)
@@ -113,8 +136,6 @@ def predict_ray(request: PredictRequest, spec: JobSpec) -> int:
         import ray
         from ray.data import DataContext
 
-        from launcher.inference.predictor import TextClassifier
-
         DataContext.get_current().execution_options.preserve_order = True
         cluster = spec.cluster
         workers = max(1, cluster.num_workers)
@@ -124,10 +145,9 @@ def predict_ray(request: PredictRequest, spec: JobSpec) -> int:
             read = {"json": ray.data.read_json, "csv": ray.data.read_csv, "parquet": ray.data.read_parquet}[kind]
             # Reads and writes take no CPU of their own: the actors may hold every core (a 2-core node with
             # 2 workers) and Ray Data would wait forever to schedule a read or a write task beside them.
+            predictor_class, kwargs = request.predictor()
             dataset = read(str(path), ray_remote_args={"num_cpus": 0}).map_batches(
-                TextClassifier,
-                fn_constructor_kwargs={"model_dir": str(request.model_dir.resolve()), "text_field": request.text_field,
-                                       "batch_size": request.batch_size, "max_length": request.max_length},
+                predictor_class, fn_constructor_kwargs=kwargs,
                 batch_size=CHUNK_ROWS, batch_format="pandas", concurrency=workers,
                 num_cpus=cluster.cpus_per_worker, num_gpus=1 if cluster.use_gpu else 0,
             )  # fmt: skip

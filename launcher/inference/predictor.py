@@ -87,3 +87,108 @@ class TextClassifier:
                 logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
                 result[rows] = logits.softmax(-1).numpy()
         return result
+
+
+ENTITIES_COLUMN = "predicted_entities"  # JSON: the entity spans, as transformers' token-classification pipeline
+TAGS_COLUMN = "predicted_tags"  # JSON: [word, tag] per word of the text
+AGGREGATIONS = ("first", "max", "average", "simple")
+
+
+class TokenTagger:
+    """A token-classification export over a DataFrame of text: per row its words' tags and its entity spans.
+
+    The forward passes run in length-sorted sub-batches as `TextClassifier`'s do; turning each text's token scores
+    into words and entities is transformers' own (`TokenClassificationPipeline.gather_pre_entities`,
+    `aggregate_words`, `group_entities`), so `predicted_entities` is what
+    `pipeline("token-classification", aggregation_strategy=...)` answers for the same text and truncation."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        text_field: str,
+        batch_size: int = 64,
+        max_length: int | None = None,
+        aggregation: str = "first",
+    ) -> None:
+        import transformers
+        from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.model = AutoModelForTokenClassification.from_pretrained(model_dir, local_files_only=True).eval()
+        self.pipeline = pipeline("token-classification", model=self.model, tokenizer=self.tokenizer, device="cpu")
+        from transformers.pipelines.token_classification import AggregationStrategy
+
+        self.strategy = AggregationStrategy(aggregation)
+        config = self.model.config
+        limit = getattr(config, "max_position_embeddings", None) or 1 << 30
+        self.max_length = min(max_length or limit, limit)
+        self.text_field, self.batch_size = text_field, batch_size
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @staticmethod
+    def architecture_ok(model_dir: Path) -> bool:
+        import json
+
+        architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+        return any(name.endswith("ForTokenClassification") for name in architectures)
+
+    def __call__(self, frame: Any) -> Any:
+        import json
+
+        if self.text_field not in frame.columns:
+            raise MissingText(0, self.text_field)
+        texts = frame[self.text_field].tolist()
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise MissingText(i, self.text_field)
+        words, entities = self.predict(texts)
+        out = frame.copy()
+        out[TAGS_COLUMN] = [json.dumps(row) for row in words]
+        out[ENTITIES_COLUMN] = [json.dumps(row) for row in entities]
+        return out
+
+    def predict(self, texts: list[str]) -> tuple[list[list[list[str]]], list[list[dict[str, Any]]]]:
+        """Per text: [word, tag] for each word, and the entity spans (label, score, word, start, end)."""
+        encoded = self.tokenizer(
+            texts, truncation=True, max_length=self.max_length, return_special_tokens_mask=True,
+            return_offsets_mapping=True,
+        )  # fmt: skip
+        order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+        scores: list[np.ndarray] = [np.zeros(0)] * len(texts)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                width = max(len(encoded["input_ids"][i]) for i in rows)
+                ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for j, i in enumerate(rows):
+                    length = len(encoded["input_ids"][i])
+                    ids[j, :length] = torch.tensor(encoded["input_ids"][i])
+                    mask[j, :length] = 1
+                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+                probabilities = logits.softmax(-1).numpy()
+                for j, i in enumerate(rows):
+                    scores[i] = probabilities[j, : len(encoded["input_ids"][i])]
+        all_words, all_entities = [], []
+        from transformers.pipelines.token_classification import AggregationStrategy
+
+        for i, text in enumerate(texts):
+            pre = self.pipeline.gather_pre_entities(
+                text, np.asarray(encoded["input_ids"][i]), scores[i], encoded["offset_mapping"][i],
+                np.asarray(encoded["special_tokens_mask"][i]), self.strategy,
+            )  # fmt: skip
+            if self.strategy == AggregationStrategy.SIMPLE:
+                words = self.pipeline.aggregate(pre, AggregationStrategy.NONE)
+            else:
+                words = self.pipeline.aggregate_words(pre, self.strategy)
+            grouped = self.pipeline.group_entities(words)
+            all_words.append([[text[w["start"] : w["end"]], str(w["entity"])] for w in words])
+            all_entities.append([
+                {"entity_group": str(e["entity_group"]), "score": float(e["score"]), "word": str(e["word"]),
+                 "start": int(e["start"]), "end": int(e["end"])}
+                for e in grouped if e["entity_group"] != "O"
+            ])  # fmt: skip
+        return all_words, all_entities
