@@ -135,3 +135,21 @@ def test_sweep_cli_errors_are_one_line_and_start_nothing(tmp_path: Path) -> None
     assert result.returncode == 2
     assert "error: --stage: finetune reads stage 'pretrain', which has not completed; run it first" in result.stderr
     assert not (tmp_path / "tiny").exists(), "nothing written"
+
+
+def test_a_stage_whose_export_a_sweep_chose_counts_as_complete(tmp_path: Path) -> None:
+    """`launcher run` does not retrain a swept stage, even when the best trial ran fewer steps than the spec says
+    (a sweep over max_steps or the batch)."""
+    from launcher.coordinator.driver import completed_result
+    from launcher.jobspec.plan import plan_job
+    from tests.test_contract import _result
+
+    spec = load_spec(TINY, [f"output_dir={tmp_path}"])
+    plan = plan_job(spec, local=True, sample_counts={"pretrain": 400, "finetune": 200})[1]
+    summary = tmp_path / "tiny" / "finetune" / "summary.json"
+    summary.parent.mkdir(parents=True)
+    short = _result(steps=plan.steps - 1).to_json()
+    summary.write_text(json.dumps(short))
+    assert completed_result(spec, plan) is None
+    summary.write_text(json.dumps({**short, "sweep": {"trial": "trial_01"}}))
+    assert completed_result(spec, plan) is not None

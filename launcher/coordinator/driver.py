@@ -88,6 +88,8 @@ def completed_result(spec: JobSpec, plan: StagePlan) -> StageResult | None:
     except (KeyError, TypeError) as exc:
         print(f"warning: {path} lacks {exc} (another launcher version?); the stage runs again to write it")
         return None
+    if summary.get("sweep") is not None:  # the best trial of `launcher sweep`, which may have swept the steps
+        return result
     return result if result.steps >= (plan.steps or 0) or result.early_stopped_at is not None else None
 
 
