@@ -141,6 +141,7 @@ def test_prepare_is_cached_and_invalidated_by_source_settings_and_tokenizer(tmp_
     assert finetune.stat().st_mtime_ns != third
 
 
+@pytest.mark.slow  # among the quick tier's slowest (prepares or runs, or 100,000 Python draws)
 def test_killed_prepare_leaves_the_previous_data_usable(tmp_path, demo_data) -> None:
     corpus = write_jsonl(tmp_path / "corpus.jsonl", demo_texts(demo_data, 2000))
     args = ["prepare", TINY, f"output_dir={tmp_path / 'runs'}", f"stages.0.data.train={corpus}", "stages.1.max_steps=1",
@@ -180,6 +181,7 @@ def _state(pid: int) -> str:
         return "Z"
 
 
+@pytest.mark.slow  # among the quick tier's slowest (prepares or runs, or 100,000 Python draws)
 def test_bad_inputs_exit_2_naming_the_place_and_overwrite_nothing(tmp_path) -> None:
     good = write_jsonl(tmp_path / "good.jsonl", [f"document number {i} with some words" for i in range(400)])
     base = ["prepare", TINY, f"output_dir={tmp_path / 'runs'}", "stages.1.max_steps=1"]
@@ -351,6 +353,7 @@ class Numbered:
         return self.source, index
 
 
+@pytest.mark.slow  # among the quick tier's slowest (prepares or runs, or 100,000 Python draws)
 def test_mixture_draws_sources_in_their_weights_over_an_epoch() -> None:
     sizes, weights = [5000, 300, 20000], [5.0, 3.0, 2.0]  # shares 50% / 30% / 20% of 25,300 samples an epoch
     mixture = MixtureDataset([Numbered(s, n) for s, n in enumerate(sizes)], weights, seed=3)
@@ -380,6 +383,7 @@ def test_mixture_draws_sources_in_their_weights_over_an_epoch() -> None:
     ]
 
 
+@pytest.mark.slow  # among the quick tier's slowest (prepares or runs, or 100,000 Python draws)
 def test_sources_prepare_separately_and_train(tmp_path, demo_data) -> None:
     texts = demo_texts(demo_data, 3000)
     first, second = write_jsonl(tmp_path / "a.jsonl", texts[:2000]), write_jsonl(tmp_path / "b.jsonl", texts[2000:])

@@ -119,6 +119,7 @@ def test_bad_input_exits_2_and_overwrites_nothing(tiny_run: Path, tmp_path: Path
     assert {p: p.stat().st_mtime_ns for p in guarded} == before
 
 
+@pytest.mark.slow  # among the quick tier's slowest (prepares or runs, or 100,000 Python draws)
 def test_stage_option_runs_one_stage_and_checks_what_it_reads(tmp_path) -> None:
     unknown = run_cli("run", "jobs/debug/tiny.yaml", "--local", "--stage", "nosuch", f"output_dir={tmp_path}")
     assert unknown.returncode == 2 and "--stage: no stage named 'nosuch'" in unknown.stderr
