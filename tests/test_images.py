@@ -24,7 +24,6 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 LABELS = ["tshirt-top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle-boot"]
 
 
-
 def fashion(split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
     """The first `count` images (count x 28 x 28) and labels of Fashion-MNIST's train or t10k files (`make data`
     installs Debian's dataset-fashion-mnist)."""
