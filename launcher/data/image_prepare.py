@@ -22,10 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -203,31 +201,12 @@ def _sources(spec: JobSpec, index: int) -> dict[str, list[ImageSource]]:
 
 def prepare_images(spec: JobSpec, index: int) -> Any:
     """Prepare stage `index`'s images (cached); returns its `PreparedStage` (samples are images)."""
-    from launcher.data.prepare import PreparedStage
+    from launcher.data.prepare import into_place, read_meta
 
     stage = spec.stages[index]
-    out = layout.data_dir(spec, stage.name)
     sources = _sources(spec, index)
-    key = fingerprint(spec, stage, sources)
-    for stale in out.parent.glob(".data-*"):  # left by a prepare that was killed
-        shutil.rmtree(stale, ignore_errors=True)
-    meta = atomic.read_json(out / META_FILE, if_torn="the data is prepared again")
-    if isinstance(meta, dict) and meta.get("fingerprint") == key:
-        return PreparedStage(**meta["prepared"])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".data-", dir=out.parent)).resolve()
-    try:
-        prepared = _prepare_into(spec, index, sources, work)
-        meta = {"fingerprint": key, "prepared": prepared.__dict__, **json.loads((work / META_FILE).read_text())}
-        atomic.write_json(work / META_FILE, meta)
-        if out.exists():
-            old = out.with_name(f".data-old-{os.getpid()}")
-            out.rename(old)
-            shutil.rmtree(old)
-        work.rename(out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return prepared
+    return into_place(layout.data_dir(spec, stage.name), fingerprint(spec, stage, sources), read_meta(spec, stage),
+                      lambda work: _prepare_into(spec, index, sources, work))  # fmt: skip
 
 
 def _chunk_images(total: int) -> int:

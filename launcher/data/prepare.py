@@ -248,16 +248,23 @@ def prepare_stage(spec: JobSpec, index: int, run_jobs: JobRunner = run_jobs_loca
 
         return prepare_images(spec, index)
     out = layout.data_dir(spec, stage.name)
-    key = fingerprint(spec, stage)
-    for stale in out.parent.glob(".data-*"):  # left by a prepare that was killed
+    return into_place(out, fingerprint(spec, stage), read_meta(spec, stage),
+                      lambda work: _prepare_into(spec, index, work, run_jobs))  # fmt: skip
+
+
+def into_place(out: Path, key: str, meta: dict | None, build: Callable[[Path], PreparedStage]) -> PreparedStage:
+    """A stage's prepared data in `out`: reused when its `meta` (the meta.json there) has fingerprint `key`, else
+    `build(work)` writes it into a temporary folder beside `out`, the key goes into its meta.json, and the folder
+    is renamed into place (the old data moved aside first, then removed). Temporary folders of a prepare that
+    was killed are removed first."""
+    for stale in out.parent.glob(".data-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    meta = read_meta(spec, stage)
     if meta is not None and meta["fingerprint"] == key:
         return PreparedStage(**meta["prepared"])
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".data-", dir=out.parent)).resolve()
     try:
-        prepared = _prepare_into(spec, index, work, run_jobs)
+        prepared = build(work)
         meta = {"fingerprint": key, "prepared": prepared.__dict__, **atomic.read_json(work / META_FILE)}
         atomic.write_json(work / META_FILE, meta)
         if out.exists():

@@ -27,8 +27,34 @@ class MissingText(ValueError):
         self.row, self.field = row, field
 
 
-class TextClassifier:
+class _TextPredictor:
+    """What both predictors share: which exports they take, and a batch's texts checked."""
+
+    head = ""  # the end of the export's architecture name (`BertForSequenceClassification`)
+    text_field: str
+
+    @classmethod
+    def architecture_ok(cls, model_dir: Path) -> bool:
+        import json
+
+        architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
+        return any(name.endswith(cls.head) for name in architectures)
+
+    def texts(self, frame: Any) -> list[str]:
+        """The batch's texts; `MissingText` names the first row without one."""
+        if self.text_field not in frame.columns:
+            raise MissingText(0, self.text_field)
+        texts = frame[self.text_field].tolist()
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text:
+                raise MissingText(i, self.text_field)
+        return texts
+
+
+class TextClassifier(_TextPredictor):
     """Callable on a pandas DataFrame; returns it with the prediction columns added."""
+
+    head = "ForSequenceClassification"
 
     def __init__(self, model_dir: str, text_field: str, batch_size: int = 64, max_length: int | None = None) -> None:
         import transformers
@@ -47,21 +73,8 @@ class TextClassifier:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-    @staticmethod
-    def architecture_ok(model_dir: Path) -> bool:
-        import json
-
-        architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
-        return any(name.endswith("ForSequenceClassification") for name in architectures)
-
     def __call__(self, frame: Any) -> Any:
-        if self.text_field not in frame.columns:
-            raise MissingText(0, self.text_field)
-        texts = frame[self.text_field].tolist()
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text:
-                raise MissingText(i, self.text_field)
-        probabilities = self.predict(texts)
+        probabilities = self.predict(self.texts(frame))
         out = frame.copy()
         best = probabilities.argmax(axis=1)
         out[LABEL_COLUMN] = [self.labels[i] for i in best]
@@ -94,13 +107,15 @@ TAGS_COLUMN = "predicted_tags"  # JSON: [word, tag] per word of the text
 AGGREGATIONS = ("first", "max", "average", "simple")
 
 
-class TokenTagger:
+class TokenTagger(_TextPredictor):
     """A token-classification export over a DataFrame of text: per row its words' tags and its entity spans.
 
     The forward passes run in length-sorted sub-batches as `TextClassifier`'s do; turning each text's token scores
     into words and entities is transformers' own (`TokenClassificationPipeline.gather_pre_entities`,
     `aggregate_words`, `group_entities`), so `predicted_entities` is what
     `pipeline("token-classification", aggregation_strategy=...)` answers for the same text and truncation."""
+
+    head = "ForTokenClassification"
 
     def __init__(
         self,
@@ -128,23 +143,10 @@ class TokenTagger:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
-    @staticmethod
-    def architecture_ok(model_dir: Path) -> bool:
-        import json
-
-        architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
-        return any(name.endswith("ForTokenClassification") for name in architectures)
-
     def __call__(self, frame: Any) -> Any:
         import json
 
-        if self.text_field not in frame.columns:
-            raise MissingText(0, self.text_field)
-        texts = frame[self.text_field].tolist()
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text:
-                raise MissingText(i, self.text_field)
-        words, entities = self.predict(texts)
+        words, entities = self.predict(self.texts(frame))
         out = frame.copy()
         out[TAGS_COLUMN] = [json.dumps(row) for row in words]
         out[ENTITIES_COLUMN] = [json.dumps(row) for row in entities]
