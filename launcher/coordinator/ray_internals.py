@@ -26,6 +26,8 @@ _NAMES = (
     ("ray.train.v2.api.data_parallel_trainer", "DataParallelTrainer._register_sigint_handler"),
     ("ray.train.v2.api.data_parallel_trainer", "DataParallelTrainer._create_default_callbacks"),
     ("ray._private.ray_constants", "ENABLE_RAY_CLUSTER"),
+    # Not private but a DeveloperAPI (no stability promise): `launcher.jobspec.sweep` draws a sweep's trials with it.
+    ("ray.tune.search.variant_generator", "generate_variants"),
 )
 
 
