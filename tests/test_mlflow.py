@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.coordinator.tracking import flatten
+from launcher.coordinator.tracking import _job_params, flatten, shown
 from launcher.worker.context import free_port
 from tests.conftest import TINY, assert_ok, read_jsonl, run_cli
 
@@ -60,6 +60,17 @@ def test_params_are_the_spec_flattened() -> None:
     }  # fmt: skip
 
 
+def test_credentials_in_the_tracking_uri_are_never_shown_or_logged() -> None:
+    from launcher.jobspec.load import load_spec
+
+    uri = "https://ml-user:s3cret@mlflow.example.org:5000/path"
+    assert shown(uri) == "https://***@mlflow.example.org:5000/path"
+    assert shown("http://127.0.0.1:5000") == "http://127.0.0.1:5000" and shown("sqlite:///x.db") == "sqlite:///x.db"
+    params = _job_params(load_spec(TINY, [f"metrics.mlflow={{tracking_uri: '{uri}'}}"]))
+    assert params["metrics.mlflow.tracking_uri"] == shown(uri)
+    assert not any("s3cret" in value for value in params.values())
+
+
 @pytest.mark.slow
 def test_each_stage_is_a_run_under_the_jobs_with_params_metrics_and_the_export(mlflow_server: str, tmp_path) -> None:
     from mlflow import MlflowClient
@@ -101,12 +112,15 @@ def test_each_stage_is_a_run_under_the_jobs_with_params_metrics_and_the_export(m
 @pytest.mark.slow
 def test_a_store_that_does_not_answer_is_one_warning_and_the_stage_runs_with_tensorboard(tmp_path: Path) -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with_password = dead.replace("http://", "http://user:s3cret@")
     out = tmp_path / "out"
     result = run_cli("run", str(TINY), "--local", "--stage", "pretrain", f"output_dir={out}",
-                     f"metrics.mlflow={{tracking_uri: '{dead}'}}")  # fmt: skip
+                     f"metrics.mlflow={{tracking_uri: '{with_password}'}}")  # fmt: skip
     assert_ok(result)
     warnings = [line for line in result.stderr.splitlines() if "metrics.mlflow" in line]
-    assert len(warnings) == 1 and warnings[0].startswith(f"warning: metrics.mlflow: {dead} does not answer")
+    shown_dead = dead.replace("http://", "http://***@")
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: metrics.mlflow: {shown_dead} does not answer")
+    assert "s3cret" not in result.stdout + result.stderr
     assert warnings[0].endswith("the job runs with TensorBoard only")
     assert list((out / "tiny" / "pretrain" / "tensorboard").glob("events.*"))
 

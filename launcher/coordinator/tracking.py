@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,15 @@ RUN_FILE = "mlflow.json"  # in the job's and each stage's folder: the run made f
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
 
 
+def shown(uri: str) -> str:
+    """A tracking URI as printed, logged and recorded: without its user name and password."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    netloc = f"***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     """Nested spec values as `a.b.c -> text` params (lists as JSON)."""
     if isinstance(value, dict):
@@ -38,8 +48,8 @@ def flatten(value: Any, prefix: str = "") -> dict[str, str]:
     return {prefix.rstrip("."): text[:MAX_PARAM_CHARS]}
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+def _first_line(exc: BaseException, uri: str) -> str:
+    text = str(exc).replace(uri, shown(uri)).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
 
 
@@ -83,23 +93,22 @@ class MlflowTracker:
                 parent = client.create_run(
                     experiment_id, run_name=spec.name, tags={"launcher.job": spec.name}
                 ).info.run_id
-                job_params = spec.model_dump(mode="json", exclude={"stages", "sweep"})
-                _log_params(
-                    client, parent, {**flatten(job_params), "stages": json.dumps([s.name for s in spec.stages])}
-                )
-                atomic.write_json(job / RUN_FILE, {"tracking_uri": uri, "run_id": parent})
+                job_params = _job_params(spec)
+                _log_params(client, parent, {**job_params, "stages": json.dumps([s.name for s in spec.stages])})
+                atomic.write_json(job / RUN_FILE, {"tracking_uri": shown(uri), "run_id": parent})
             else:
                 client.update_run(parent, status="RUNNING")
         except Exception as exc:  # the store's own errors (connection, auth, schema): a warning, not a failed job
-            print(f"warning: metrics.mlflow: {uri} does not answer ({_first_line(exc)}); the job runs with "
+            print(f"warning: metrics.mlflow: {shown(uri)} does not answer ({_first_line(exc, uri)}); the job runs with "
                   "TensorBoard only", file=sys.stderr, flush=True)  # fmt: skip
             return None
-        print(f"mlflow: job run {parent} in experiment {experiment!r} at {uri}", flush=True)
+        print(f"mlflow: job run {parent} in experiment {experiment!r} at {shown(uri)}", flush=True)
         return cls(spec, client, uri, experiment_id, parent)
 
     def _failed(self, exc: BaseException) -> None:
         if not self.broken:
-            print(f"warning: metrics.mlflow: {self.uri}: {_first_line(exc)}; MLflow logging stops, TensorBoard goes on",
+            print(f"warning: metrics.mlflow: {shown(self.uri)}: {_first_line(exc, self.uri)}; MLflow logging stops, "
+                  "TensorBoard goes on",
                   file=sys.stderr, flush=True)  # fmt: skip
         self.broken = True
 
@@ -114,13 +123,12 @@ class MlflowTracker:
             if run_id is None:
                 tags = {"mlflow.parentRunId": self.parent_id, "launcher.job": spec.name, "launcher.stage": stage.name}
                 run_id = self.client.create_run(self.experiment_id, run_name=stage.name, tags=tags).info.run_id
-                job = spec.model_dump(mode="json", exclude={"stages", "sweep"})
-                params = {**flatten(job), **flatten(stage.model_dump(mode="json"), "stage.")}
+                params = {**_job_params(spec), **flatten(stage.model_dump(mode="json"), "stage.")}
                 params.update(flatten({"world_size": plan.world_size, "global_batch_size": plan.global_batch_size,
                                        "steps": plan.steps, "zero_stage": plan.zero_stage}, "plan."))  # fmt: skip
                 _log_params(self.client, run_id, params)
                 record.parent.mkdir(parents=True, exist_ok=True)
-                atomic.write_json(record, {"tracking_uri": self.uri, "run_id": run_id})
+                atomic.write_json(record, {"tracking_uri": shown(self.uri), "run_id": run_id})
             else:
                 self.client.update_run(run_id, status="RUNNING")
         except Exception as exc:
@@ -155,13 +163,22 @@ class MlflowTracker:
 def _reused(client: Any, record: Path, uri: str) -> str | None:
     """The run a re-run made before (same store, still there), else None."""
     saved = atomic.read_json(record, if_torn="a new run is made") if record.exists() else None
-    if not isinstance(saved, dict) or saved.get("tracking_uri") != uri:
+    if not isinstance(saved, dict) or saved.get("tracking_uri") != shown(uri):
         return None
     try:
         client.get_run(saved["run_id"])
     except Exception:  # deleted, or another store under the same name
         return None
     return str(saved["run_id"])
+
+
+def _job_params(spec: JobSpec) -> dict[str, str]:
+    """The job's settings as params (stages apart), the tracking URI without credentials."""
+    params = flatten(spec.model_dump(mode="json", exclude={"stages", "sweep"}))
+    key = "metrics.mlflow.tracking_uri"
+    if params.get(key) not in (None, "None"):
+        params[key] = shown(params[key])
+    return params
 
 
 def _log_params(client: Any, run_id: str, params: dict[str, str]) -> None:
