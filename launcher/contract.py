@@ -53,6 +53,17 @@ MLFLOW_FAST_FAIL_ENV = {
 }
 
 
+def shown_uri(uri: str) -> str:
+    """A tracking URI as printed, logged and recorded: without its user name and password."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    netloc = f"***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
 @dataclass(frozen=True)
 class TrackerRun:
     """The MLflow run of a stage (`metrics.mlflow`): the driver makes and ends it, rank 0 logs the metrics into it."""

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.coordinator.tracking import _job_params, flatten, shown
+from launcher.contract import shown_uri as shown
+from launcher.coordinator.tracking import _job_params, flatten
 from launcher.worker.context import free_port
 from tests.conftest import TINY, assert_ok, read_jsonl, run_cli
 

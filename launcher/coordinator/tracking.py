@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from launcher import atomic
 from launcher.contract import MLFLOW_FAST_FAIL_ENV, StageLaunch, StageResult, TrackerRun
+from launcher.contract import shown_uri as shown
 from launcher.errors import UserError
 from launcher.jobspec import layout
 from launcher.jobspec.models import JobSpec
@@ -26,15 +26,6 @@ from launcher.jobspec.plan import StagePlan
 
 RUN_FILE = "mlflow.json"  # in the job's and each stage's folder: the run made for it, reused on a re-run
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param's value
-
-
-def shown(uri: str) -> str:
-    """A tracking URI as printed, logged and recorded: without its user name and password."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    netloc = f"***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, str]:

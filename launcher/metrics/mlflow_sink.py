@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from launcher.contract import MLFLOW_FAST_FAIL_ENV, TrackerRun
+from launcher.contract import MLFLOW_FAST_FAIL_ENV, TrackerRun, shown_uri
 
 
 class MlflowMetrics:
@@ -35,8 +35,9 @@ class MlflowMetrics:
         try:
             self.client.log_batch(self.run.run_id, metrics=metrics)
         except Exception as exc:  # the store went away mid-run: the stage goes on without it
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            print(f"warning: metrics.mlflow: {self.run.tracking_uri}: {first}; MLflow logging stops, TensorBoard "
+            uri = self.run.tracking_uri
+            first = (str(exc).replace(uri, shown_uri(uri)).strip().splitlines() or [type(exc).__name__])[0][:300]
+            print(f"warning: metrics.mlflow: {shown_uri(uri)}: {first}; MLflow logging stops, TensorBoard "
                   "goes on", file=sys.stderr, flush=True)  # fmt: skip
             self.broken = True
 
