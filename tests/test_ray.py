@@ -33,7 +33,7 @@ FAULT = ["jobs/debug/tiny.yaml", "cluster.num_workers=2", "stages.0.max_steps=60
          "stages.0.batch.micro_batch_size=32"]  # fmt: skip
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def head(ray_cluster: RayHead) -> RayHead:
     """The session's shared head (`tests.conftest.ray_cluster`)."""
     return ray_cluster
