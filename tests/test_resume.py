@@ -25,9 +25,8 @@ ARGS = ["jobs/debug/tiny.yaml", "--local", "stages.0.model.dropout=0.1", "stages
 EMBEDDINGS = ["stages.0.embedding_init.method=cooccurrence", "stages.0.optim.embedding_lr_scale=0.5"]
 
 
-@pytest.mark.parametrize(
-    ("zero_stage", "task", "extra"), [(0, "mlm", []), (2, "mlm", []), (2, "rtd", []), (3, "mlm", EMBEDDINGS)]
-)
+# ZeRO-2 once, with rtd (its two models and two losses): the masked LM runs under ZeRO-0 and ZeRO-3.
+@pytest.mark.parametrize(("zero_stage", "task", "extra"), [(0, "mlm", []), (2, "rtd", []), (3, "mlm", EMBEDDINGS)])
 def test_stopped_and_resumed_run_matches_uninterrupted(tmp_path, zero_stage, task, extra) -> None:
     args = [*ARGS, f"deepspeed.zero_stage={zero_stage}", f"stages.0.task={task}", *extra]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
