@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,8 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
                "--workers", "1", "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
                "--artifacts-destination", str(store / "artifacts")]  # fmt: skip
     log = (tmp_path / "server.log").open("w")
+    shm = Path("/dev/shm")
+    before = set(shm.iterdir()) if shm.is_dir() else set()
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -53,6 +56,10 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
         except ProcessLookupError:
             pass
         log.close()
+        # The server's job store: MLflow makes it in /dev/shm (mlflow/server/__init__.py) and leaves it there.
+        for left in (set(shm.iterdir()) if shm.is_dir() else set()) - before:
+            if any(name.name.endswith(".mlflow-huey-store") for name in left.glob("*")):
+                shutil.rmtree(left, ignore_errors=True)
 
 
 def test_params_are_the_spec_flattened() -> None:
