@@ -203,6 +203,7 @@ def test_a_stage_start_is_resolved_once_for_weights_tokenizer_and_architecture(t
     plain = load_spec(TINY, ["stages.0.tokenizer.vocab_size=900"])
     inherited = resolve_start(plain, plain.stages[1])
     assert inherited.vocab_size == 900 and inherited.tokenizer == layout.tokenizer_dir(spec, "pretrain")
+    assert inherited.tokenizer_stage == "pretrain" and finetune.tokenizer_stage is None
 
     other = load_spec(TINY, [f"stages.1.init_from={folder}"])
     pretrained = resolve_start(other, other.stages[1])

@@ -161,9 +161,9 @@ def run_image_jobs(jobs: list[ImageJob]) -> list[dict]:
 def processor_origin(spec: JobSpec, stage: StageSpec) -> Path | None:
     """The image processor a stage keeps: the one of the stage or model folder it starts from (the folder its
     tokenizer would come from), when that has one."""
-    origin = resolve_start(spec, stage).tokenizer
-    if origin is None or (spec.referenced_stage(stage.tokenizer.source or stage.init_from) is None
-                          and not (origin / PROCESSOR_FILE).is_file()):  # fmt: skip
+    start = resolve_start(spec, stage)
+    origin = start.tokenizer
+    if origin is None or (start.tokenizer_stage is None and not (origin / PROCESSOR_FILE).is_file()):
         return None
     return origin
 

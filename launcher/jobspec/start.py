@@ -30,6 +30,7 @@ class StageStart:
     stage: str | None  # the earlier stage, when kind is "stage"
     tokenizer: Path | None  # the folder the tokenizer is copied from (None: trained on this stage's corpus)
     tokenizer_field: str  # the field an unusable tokenizer folder is reported under
+    tokenizer_stage: str | None  # the earlier stage the tokenizer comes from, if it comes from one
     model: ModelSpec  # the architecture's own sizes: the chain's first stage's `model` section
     model_dir: Path | None  # a model folder whose `config.json` holds the sizes instead (None: `model`'s)
     vocab_size: int  # the vocabulary a trained tokenizer gets: this stage's, or the stage it inherits from
@@ -91,6 +92,7 @@ def resolve_start(spec: JobSpec, stage: StageSpec) -> StageStart:
         stage=None if earlier is None else earlier.name,
         tokenizer=tokenizer,
         tokenizer_field=f"stages.{index}.tokenizer.source",
+        tokenizer_stage=None if tokenizer_stage is None else tokenizer_stage.name,
         model=model,
         model_dir=model_dir,
         vocab_size=vocab,
