@@ -39,15 +39,26 @@ def _parser() -> argparse.ArgumentParser:
             )  # fmt: skip
     predict = commands.add_parser(
         "predict",
-        help="run a stage's export over files of new text (Ray Data on a cluster, one process with --local)",
+        help="run a stage's export over files of new text or images (Ray Data on a cluster, one process with --local)",
         description="Writes one file per input (same name and format: jsonl, csv or parquet) under --output: "
-        "the input's rows in order with predicted_label, predicted_score and score_<label> columns.",
+        "the input's rows in order with predicted_label, predicted_score and score_<label> columns (a token "
+        "classifier: predicted_tags and predicted_entities). An image classifier reads the image file each row's "
+        "--image-field names (relative to the table's folder), or takes a folder or glob of image files (png, "
+        "jpg, ...) as --input and writes one predictions.jsonl with a path column, in sorted order.",
     )
     predict.add_argument("spec", help="job spec YAML file, or an exported model folder")
     predict.add_argument("overrides", nargs="*", help="dotted overrides of the job spec, e.g. cluster.num_workers=4")
     predict.add_argument("--stage", metavar="NAME", help="the stage whose export predicts (default: the last "
-                         "classification stage)")  # fmt: skip
-    predict.add_argument("--input", required=True, metavar="FILE_OR_GLOB", help="jsonl, csv or parquet file(s)")
+                         "classification, token_classification or image_classification stage)")  # fmt: skip
+    predict.add_argument("--input", required=True, metavar="FILE_OR_GLOB",
+                         help="jsonl, csv or parquet file(s); for an image classifier also a folder or glob of "
+                         "image files")  # fmt: skip
+    predict.add_argument(
+        "--image-field",
+        default="image",
+        metavar="NAME",
+        help="image classification: the tables' column of image file paths (default image)",
+    )
     predict.add_argument("--output", required=True, metavar="DIR", help="folder for the prediction files")
     predict.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default 64)")
     predict.add_argument("--local", action="store_true", help="one process, no Ray")
@@ -110,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.batch_size < 1:
                 raise UserError(f"--batch-size: {args.batch_size} is not a positive number")
             request = resolve_request(
-                args.spec, args.overrides, args.stage, args.input, args.output, args.batch_size, args.aggregation
-            )
+                args.spec, args.overrides, args.stage, args.input, args.output, args.batch_size, args.aggregation,
+                args.image_field,
+            )  # fmt: skip
             return run_predict(request, args.local)
         if args.command == "sweep":
             from launcher.coordinator.sweep import run_sweep

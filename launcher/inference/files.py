@@ -2,6 +2,9 @@
 
 Memory stays bounded by the chunk size whatever the file's size; an output file is written to a
 `.partial` name and renamed when complete, so nothing half-written is left under its real name.
+An image-classification export also takes image files themselves (a folder, searched recursively, or a
+glob of png, jpg, ... files): they are read as one table of their paths (`image_files`, `path_chunks`),
+whose predictions go to one `predictions.jsonl` with a `path` column.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from typing import Any
 from launcher.errors import UserError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+PATH_COLUMN = "path"  # image files given directly: the column of their paths (as found from --input)
+IMAGE_LIST_OUTPUT = "predictions.jsonl"  # ... and the one output table their predictions go to
 
 
 def table_format(path: Path) -> str:
@@ -34,6 +39,38 @@ def expand_inputs(pattern: str) -> list[Path]:
     for path in files:
         table_format(path)
     return files
+
+
+def image_files(pattern: str) -> list[Path] | None:
+    """The image files a folder (searched recursively), a glob or a file names, sorted; None when it names
+    tables (or nothing: `expand_inputs` says so). A glob that mixes images and other files is a user error."""
+    from launcher.data.images import IMAGE_SUFFIXES
+
+    def is_image(path: Path) -> bool:
+        return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+    if Path(pattern).is_dir():
+        files = sorted(p for p in Path(pattern).rglob("*") if is_image(p))
+        if not files:
+            raise UserError(f"--input: {pattern}: a folder with no image files ({', '.join(IMAGE_SUFFIXES)})")
+        return files
+    paths = sorted(Path(p) for p in glob.glob(pattern)) if glob.has_magic(pattern) else [Path(pattern)]
+    files = [p for p in paths if p.is_file()]
+    images = [p for p in files if is_image(p)]
+    if not images:
+        return None
+    if len(images) < len(files):
+        other = next(p for p in files if not is_image(p))
+        raise UserError(f"--input: {pattern}: names image files and {other}; give images or tables, not both")
+    return images
+
+
+def path_chunks(files: list[Path], rows: int) -> Iterator[tuple[int, Any]]:
+    """`read_chunks` for image files given directly: (first row number, DataFrame of a `path` column)."""
+    import pandas as pd
+
+    for start in range(0, len(files), rows):
+        yield start, pd.DataFrame({PATH_COLUMN: [str(p) for p in files[start : start + rows]]})
 
 
 def read_chunks(path: Path, rows: int) -> Iterator[tuple[int, Any]]:

@@ -1,13 +1,19 @@
-"""The model side of `launcher predict`: a sequence-classification export over a DataFrame of text.
+"""The model side of `launcher predict`: an export over a DataFrame of text (or of image paths).
 
 One object per process (`--local`) or per Ray Data actor (`map_batches(TextClassifier, ...)`): it loads
 the export once and adds to each batch of rows the predicted label, its probability and every label's.
 Rows are run in order of their tokenized length, in sub-batches of `batch_size`, so little of each
-forward pass is padding; the results go back to the rows' own order.
+forward pass is padding; the results go back to the rows' own order. `TokenTagger` does the same for a
+token-classification export (word tags, entity spans); `ImageClassifier` for an image-classification
+export, whose rows name image files: it reads them `batch_size` at a time, as transformers'
+`pipeline("image-classification")` does (EXIF orientation applied, converted to RGB, the export's image
+processor), and gives the text classifier's columns.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,25 +26,59 @@ SCORE_PREFIX = "score_"  # one column per label: score_<label name>
 
 
 class MissingText(ValueError):
-    """A row of the input has no text in the text field (`row`: its 0-based position in the batch)."""
+    """A row of the input has no text in the text field (`row`: its 0-based position in the batch); `what`:
+    what the field holds (`text`, or `image path` for an image classifier)."""
 
-    def __init__(self, row: int, field: str) -> None:
-        super().__init__(f"no text in field {field!r}")
-        self.row, self.field = row, field
+    def __init__(self, row: int, field: str, what: str = "text") -> None:
+        super().__init__(f"no {what} in field {field!r}")
+        self.row, self.field, self.what = row, field, what
 
 
-class _TextPredictor:
-    """What both predictors share: which exports they take, and a batch's texts checked."""
+class BadImage(ValueError):
+    """A row names an image file that is missing or unreadable (`row`: its 0-based position in the batch,
+    `value`: the path as the row gives it, `problem`: what is wrong, naming the file as resolved). The message
+    carries both (`bad image "<value as JSON>": <problem>`), so a Ray actor's error can be read back."""
+
+    def __init__(self, row: int, value: str, problem: str) -> None:
+        super().__init__(f"bad image {json.dumps(value)}: {problem}")
+        self.row, self.value, self.problem = row, value, problem
+
+
+BAD_IMAGE = re.compile(r'bad image ("(?:[^"\\]|\\.)*"): ([^\n]*)')  # BadImage's message, inside Ray's error
+
+
+def bad_image_in(message: str) -> tuple[str, str] | None:
+    """(value, problem) of the BadImage whose message is in `message` (a Ray error's text), if any."""
+    found = BAD_IMAGE.search(message)
+    return (json.loads(found.group(1)), found.group(2).strip()) if found else None
+
+
+def _with_scores(frame: Any, probabilities: np.ndarray, labels: list[str]) -> Any:
+    """`frame` with the predicted label, its probability and a `score_<label>` column per label added."""
+    out = frame.copy()
+    best = probabilities.argmax(axis=1)
+    out[LABEL_COLUMN] = [labels[i] for i in best]
+    out[SCORE_COLUMN] = probabilities[np.arange(len(best)), best]
+    for i, label in enumerate(labels):
+        out[SCORE_PREFIX + label] = probabilities[:, i]
+    return out
+
+
+class _Predictor:
+    """Which exports a predictor takes: those whose architecture name ends with `head`."""
 
     head = ""  # the end of the export's architecture name (`BertForSequenceClassification`)
-    text_field: str
 
     @classmethod
     def architecture_ok(cls, model_dir: Path) -> bool:
-        import json
-
         architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
         return any(name.endswith(cls.head) for name in architectures)
+
+
+class _TextPredictor(_Predictor):
+    """What both text predictors share: a batch's texts checked."""
+
+    text_field: str
 
     def texts(self, frame: Any) -> list[str]:
         """The batch's texts; `MissingText` names the first row without one."""
@@ -74,14 +114,7 @@ class TextClassifier(_TextPredictor):
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def __call__(self, frame: Any) -> Any:
-        probabilities = self.predict(self.texts(frame))
-        out = frame.copy()
-        best = probabilities.argmax(axis=1)
-        out[LABEL_COLUMN] = [self.labels[i] for i in best]
-        out[SCORE_COLUMN] = probabilities[np.arange(len(best)), best]
-        for i, label in enumerate(self.labels):
-            out[SCORE_PREFIX + label] = probabilities[:, i]
-        return out
+        return _with_scores(frame, self.predict(self.texts(frame)), self.labels)
 
     def predict(self, texts: list[str]) -> np.ndarray:
         """Class probabilities, one row per text, computed in length-sorted sub-batches."""
@@ -144,8 +177,6 @@ class TokenTagger(_TextPredictor):
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def __call__(self, frame: Any) -> Any:
-        import json
-
         words, entities = self.predict(self.texts(frame))
         out = frame.copy()
         out[TAGS_COLUMN] = [json.dumps(row) for row in words]
@@ -194,3 +225,58 @@ class TokenTagger(_TextPredictor):
                 for e in grouped if e["entity_group"] != "O"
             ])  # fmt: skip
         return all_words, all_entities
+
+
+class ImageClassifier(_Predictor):
+    """An image-classification export (ViT, ResNet, ...) over a DataFrame whose `image_field` column names image
+    files; returns it with `TextClassifier`'s columns added. A relative path is taken from `base_dir` (the
+    table's folder). Images are read and run `batch_size` at a time, so a batch's memory is its images'."""
+
+    head = "ForImageClassification"
+
+    def __init__(self, model_dir: str, image_field: str = "image", batch_size: int = 64, base_dir: str = ".") -> None:
+        import transformers
+        from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        self.processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
+        self.model = AutoModelForImageClassification.from_pretrained(model_dir, local_files_only=True).eval()
+        config = self.model.config
+        self.labels = [str(config.id2label[i]) for i in range(config.num_labels)]
+        self.image_field, self.batch_size, self.base_dir = image_field, batch_size, Path(base_dir)
+
+    def __call__(self, frame: Any) -> Any:
+        if self.image_field not in frame.columns:
+            raise MissingText(0, self.image_field, "image path")
+        values = frame[self.image_field].tolist()
+        for i, value in enumerate(values):
+            if not isinstance(value, str) or not value:
+                raise MissingText(i, self.image_field, "image path")
+        return _with_scores(frame, self.predict(values), self.labels)
+
+    def predict(self, values: list[str]) -> np.ndarray:
+        """Class probabilities, one row per image path, in sub-batches of `batch_size` images."""
+        result = np.zeros((len(values), len(self.labels)), dtype=np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(values), self.batch_size):
+                chunk = values[start : start + self.batch_size]
+                images = [self.load(start + j, value) for j, value in enumerate(chunk)]
+                inputs = self.processor(images=images, return_tensors="pt").to(self.model.dtype)
+                logits = self.model(**inputs).logits.float()
+                result[start : start + len(images)] = logits.softmax(-1).numpy()
+        return result
+
+    def load(self, row: int, value: str) -> Any:
+        """The image `value` names, as the pipeline reads it (transformers' `load_image`); `BadImage` if it is
+        missing or unreadable."""
+        from transformers.image_utils import load_image
+
+        path = Path(value) if Path(value).is_absolute() else self.base_dir / value
+        if not path.is_file():
+            raise BadImage(row, value, f"no such image file: {path}")
+        try:
+            return load_image(str(path))
+        except Exception as exc:  # PIL's errors (unidentified, truncated, ...) are the file's
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise BadImage(row, value, f"not a readable image: {path} ({reason})") from None
