@@ -6,6 +6,7 @@ Each check runs in a fresh process: DeepSpeed's process group outlives an engine
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,7 +99,7 @@ def test_deepspeed_ops_build_in_a_cache_folder_of_this_installation(monkeypatch)
 
     import torch
 
-    from launcher.worker.engine import extensions_dir, select_accelerator
+    from launcher.worker.engine import extensions_dir, ninja_bin_dir, select_accelerator
 
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
     monkeypatch.delenv("DS_ACCELERATOR", raising=False)
@@ -118,7 +119,18 @@ def test_deepspeed_ops_build_in_a_cache_folder_of_this_installation(monkeypatch)
     )
     out = subprocess.run([sys.executable, "-c", build], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (Path(ours) / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").is_file()
+    library = Path(ours) / "deepspeed_shm_comm" / "deepspeed_shm_comm.so"
+    assert library.is_file()
+    # A process whose PATH finds another ninja first (a system one) uses this installation's all the same:
+    # two ninja releases read each other's build log as stale, and each switch rebuilt the op.
+    built = library.stat().st_mtime_ns
+    other = shutil.which("ninja", path="/usr/local/bin:/usr/bin:/bin")
+    path = os.pathsep.join([str(Path(other).parent)] if other else []) + os.pathsep + env.get("PATH", "")
+    again = subprocess.run([sys.executable, "-c", build + "; import shutil; print(shutil.which('ninja'))"], cwd=ROOT,
+                           env={**env, "PATH": path}, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.strip().splitlines()[-1] == str(Path(ninja_bin_dir()) / "ninja")
+    assert library.stat().st_mtime_ns == built, "not rebuilt"
 
 
 CLIP_CHECK = r"""

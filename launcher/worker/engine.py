@@ -57,9 +57,27 @@ def select_accelerator(device: torch.device) -> None:
     only. The build files in it name this installation's paths, so two installations on one machine
     (a second virtual environment, a fresh clone) rebuild each other's ops every time they alternate.
     Unless TORCH_EXTENSIONS_DIR says otherwise, each installation gets a folder of its own there.
+    The builder runs the first `ninja` on PATH, and two ninja releases (the `ninja` wheel DeepSpeed
+    requires, a system one) read each other's build log as stale: a worker whose PATH leads to the other
+    one rebuilds the op. This installation's ninja goes first on PATH, so every process uses the same.
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
+    ninja_dir = ninja_bin_dir()
+    if ninja_dir is not None:
+        path = os.environ.get("PATH", "")
+        if path.split(os.pathsep)[0] != ninja_dir:
+            os.environ["PATH"] = os.pathsep.join([ninja_dir, *(p for p in path.split(os.pathsep) if p != ninja_dir)])
+
+
+def ninja_bin_dir() -> str | None:
+    """The folder of the `ninja` wheel's binary (DeepSpeed's dependency), if it is installed."""
+    try:
+        import ninja
+    except ImportError:
+        return None
+    folder = getattr(ninja, "BIN_DIR", None)
+    return folder if folder and (Path(folder) / "ninja").is_file() else None
 
 
 def extensions_dir() -> str:
