@@ -154,6 +154,11 @@ def ray_session(
     # Ray Train re-routes print() in workers through its logger, which shows every line twice.
     env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     address = cluster_address(spec)
+    if address and address != "auto" and "://" not in address:
+        # Ray Train's placement-group cleaner, an actor, finds the cluster's API server from RAY_ADDRESS
+        # or by looking for GCS processes on its node; two Ray clusters on a node (two SLURM jobs) made
+        # it fail and leave the run's placement group behind if the controller died.
+        env.setdefault("RAY_ADDRESS", address)
     # A joined cluster's auth mode and token come from the environment (RAY_AUTH_MODE,
     # RAY_AUTH_TOKEN_PATH); a private one gets its own token. Ray reads both when it is imported.
     private = None if address else _private_folder()
