@@ -53,6 +53,11 @@ def bad_image_in(message: str) -> tuple[str, str] | None:
     return (json.loads(found.group(1)), found.group(2).strip()) if found else None
 
 
+def _device() -> torch.device:
+    """Where a predictor runs: the GPU Ray gave its actor (`cluster.use_gpu`) or this process has, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _with_scores(frame: Any, probabilities: np.ndarray, labels: list[str]) -> Any:
     """`frame` with the predicted label, its probability and a `score_<label>` column per label added."""
     out = frame.copy()
@@ -103,7 +108,9 @@ class TextClassifier(_TextPredictor):
         transformers.logging.set_verbosity_error()  # the console is for the command's own lines
         transformers.utils.logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True).eval()
+        self.device = _device()
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
+        self.model = self.model.eval().to(self.device)
         config = self.model.config
         self.labels = [str(config.id2label[i]) for i in range(config.num_labels)]
         self.text_field, self.batch_size = text_field, batch_size
@@ -130,8 +137,8 @@ class TextClassifier(_TextPredictor):
                 for j, i in enumerate(rows):
                     ids[j, : len(encoded[i])] = torch.tensor(encoded[i])
                     mask[j, : len(encoded[i])] = 1
-                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-                result[rows] = logits.softmax(-1).numpy()
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                result[rows] = logits.float().softmax(-1).cpu().numpy()
         return result
 
 
@@ -164,8 +171,10 @@ class TokenTagger(_TextPredictor):
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.model = AutoModelForTokenClassification.from_pretrained(model_dir, local_files_only=True).eval()
-        self.pipeline = pipeline("token-classification", model=self.model, tokenizer=self.tokenizer, device="cpu")
+        self.device = _device()
+        self.model = AutoModelForTokenClassification.from_pretrained(model_dir, local_files_only=True)
+        self.model = self.model.eval().to(self.device)
+        self.pipeline = pipeline("token-classification", model=self.model, tokenizer=self.tokenizer, device=self.device)
         from transformers.pipelines.token_classification import AggregationStrategy
 
         self.strategy = AggregationStrategy(aggregation)
@@ -201,8 +210,8 @@ class TokenTagger(_TextPredictor):
                     length = len(encoded["input_ids"][i])
                     ids[j, :length] = torch.tensor(encoded["input_ids"][i])
                     mask[j, :length] = 1
-                logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-                probabilities = logits.softmax(-1).numpy()
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                probabilities = logits.float().softmax(-1).cpu().numpy()
                 for j, i in enumerate(rows):
                     scores[i] = probabilities[j, : len(encoded["input_ids"][i])]
         all_words, all_entities = [], []
@@ -241,7 +250,9 @@ class ImageClassifier(_Predictor):
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         self.processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
-        self.model = AutoModelForImageClassification.from_pretrained(model_dir, local_files_only=True).eval()
+        self.device = _device()
+        self.model = AutoModelForImageClassification.from_pretrained(model_dir, local_files_only=True)
+        self.model = self.model.eval().to(self.device)
         config = self.model.config
         self.labels = [str(config.id2label[i]) for i in range(config.num_labels)]
         self.image_field, self.batch_size, self.base_dir = image_field, batch_size, Path(base_dir)
@@ -262,9 +273,9 @@ class ImageClassifier(_Predictor):
             for start in range(0, len(values), self.batch_size):
                 chunk = values[start : start + self.batch_size]
                 images = [self.load(start + j, value) for j, value in enumerate(chunk)]
-                inputs = self.processor(images=images, return_tensors="pt").to(self.model.dtype)
+                inputs = self.processor(images=images, return_tensors="pt").to(self.device, self.model.dtype)
                 logits = self.model(**inputs).logits.float()
-                result[start : start + len(images)] = logits.softmax(-1).numpy()
+                result[start : start + len(images)] = logits.softmax(-1).cpu().numpy()
         return result
 
     def load(self, row: int, value: str) -> Any:
