@@ -6,6 +6,8 @@ run bends or hangs on it."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from launcher.coordinator import ray_internals
@@ -62,3 +64,23 @@ def test_trainer_starts_no_ray_data_actor_and_private_one_no_placement_group_cle
     # fit() would replace the launcher's SIGINT handler with Ray Train's (abort without a checkpoint).
     trainer = ray_internals.trainer_class(False)
     assert trainer._register_sigint_handler is not DataParallelTrainer._register_sigint_handler
+
+
+def test_the_controller_polls_its_workers_every_half_second_unless_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Train's controller reads its poll interval from the environment of the process that calls fit;
+    the runtime environment carries it to a sweep's trial actors. A user's value stays; a large job keeps Ray's."""
+    from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR as name
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    monkeypatch.delenv(name, raising=False)
+    env: dict[str, str] = {}
+    ray_internals.poll_workers_often(env, 2)
+    assert env[name] == "0.5" and get_env_vars_to_propagate()[name] == "0.5", "the controller gets it"
+    monkeypatch.setenv(name, "3")
+    env = {}
+    ray_internals.poll_workers_often(env, 2)
+    assert env[name] == "3" and os.environ[name] == "3", "the user's value stays"
+    monkeypatch.delenv(name)
+    env = {}
+    ray_internals.poll_workers_often(env, 512)
+    assert name not in env and name not in os.environ, "Ray's default at scale"

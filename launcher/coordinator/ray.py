@@ -174,6 +174,7 @@ def ray_session(
         threading.Thread(target=importlib.import_module, args=(preload,), daemon=True).start()
     import ray
 
+    ray_internals.poll_workers_often(env, spec.cluster.num_workers)
     if private is not None:
         ray_internals.bind_to_loopback()
     level = logging.INFO if verbose() else logging.WARNING  # "Started a local Ray instance." and the like

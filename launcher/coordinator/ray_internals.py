@@ -1,12 +1,13 @@
 """Every private Ray name the launcher touches, in one place.
 
-Ray Train offers no public switch for four things the launcher needs: keeping the launcher's own
+Ray Train offers no public switch for five things the launcher needs: keeping the launcher's own
 SIGINT handler during `fit()`, not starting a Ray Data actor per worker group when no dataset is
-passed, not starting the placement-group cleaner on a cluster that ends with the command, and
-quieting its worker context's per-report lines. A private Ray also needs every server on loopback,
-which only a module constant switches. Each is reached here and nowhere else; `CHECKED_WITH` is the
-Ray these names were read in, and `tests/test_internals.py` fails loudly, naming what moved, on
-any other Ray (read the hooks again in the new release's source, then move the pin and the constant).
+passed, not starting the placement-group cleaner on a cluster that ends with the command,
+quieting its worker context's per-report lines, and polling its workers more often than every 2 s.
+A private Ray also needs every server on loopback, which only a module constant switches. Each is
+reached here and nowhere else; `CHECKED_WITH` is the Ray these names were read in, and
+`tests/test_internals.py` fails loudly, naming what moved, on any other Ray (read the hooks again in
+the new release's source, then move the pin and the constant).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ _NAMES = (
     ("ray.train.v2.api.data_parallel_trainer", "DataParallelTrainer._register_sigint_handler"),
     ("ray.train.v2.api.data_parallel_trainer", "DataParallelTrainer._create_default_callbacks"),
     ("ray._private.ray_constants", "ENABLE_RAY_CLUSTER"),
+    ("ray.train.v2._internal.constants", "HEALTH_CHECK_INTERVAL_S_ENV_VAR"),
     # Not private but a DeveloperAPI (no stability promise): `launcher.jobspec.sweep` draws a sweep's trials with it.
     ("ray.tune.search.variant_generator", "generate_variants"),
 )
@@ -46,6 +48,23 @@ def missing() -> list[str]:
                 break
             target = getattr(target, part)
     return absent
+
+
+POLL_S, POLL_MAX_WORKERS = "0.5", 64
+
+
+def poll_workers_often(env: dict[str, str], num_workers: int) -> None:
+    """Ray Train's controller polls its workers every 2 s by default (an internal variable), and a stage takes a
+    few polls to start and to end: ~5 s of every stage run, and of every trial of a sweep. Up to
+    POLL_MAX_WORKERS workers it polls every POLL_S seconds, unless the environment says otherwise. The controller
+    reads the variable from the environment of the process that calls `fit` (this driver; a sweep's trial
+    actor gets it through the runtime environment `env`)."""
+    from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR as name
+
+    if num_workers <= POLL_MAX_WORKERS:
+        os.environ.setdefault(name, POLL_S)
+    if name in os.environ:
+        env.setdefault(name, os.environ[name])
 
 
 def quiet_worker_context() -> None:
