@@ -5,7 +5,7 @@
 #   1. the launcher's CUDA paths: its rank code under torchrun on the nccl backend
 #      (benchmarks/launcher_torchrun.py, as the Ray workers run it; Ray itself is too large to carry),
 #      `launcher run --local` in bf16 with ZeRO-2 and in fp16 with ZeRO-3, each export loaded back by
-#      transformers;
+#      transformers, and `launcher predict`'s classifier on the GPU;
 #   2. `clm` pre-training of the llama presets smollm2-135m, smollm2-360m (activation checkpointing off and
 #      on) and tinyllama-1.1b (on) (bf16, sdpa, ZeRO-2, `--local`) for a fixed number of steps, printed as
 #      one table: tokens/s, MFU (against the GPU table's bf16 peak) and peak GPU memory; an MFU outside
@@ -99,6 +99,21 @@ logged "$WORK/half.log" launcher run jobs/debug/tiny.yaml --local "output_dir=$W
     deepspeed.zero_stage=3 "stages.0.precision=$half" "stages.1.precision=$half"
 grep -E "^  (pretrain|finetune) " "$WORK/half.log"
 check_export "$WORK/half"
+
+echo "== 1d. launcher predict's classifier on the bf16 export, on the $DEVICE"
+"$PY" - "$WORK/bf16/tiny/finetune/model" "$DEVICE" <<'EOF'
+import csv, sys, time
+from launcher.inference.predictor import TextClassifier
+
+classifier = TextClassifier(sys.argv[1], "text", batch_size=64)
+assert classifier.device.type == sys.argv[2], f"the predictor runs on {classifier.device}, not {sys.argv[2]}"
+with open("data/demo/test.csv", newline="") as stream:
+    texts = [row["text"] for _, row in zip(range(512), csv.DictReader(stream))]
+start = time.perf_counter()
+scores = classifier.predict(texts)
+assert scores.shape == (len(texts), len(classifier.labels)) and abs(scores.sum(1) - 1).max() < 1e-3
+print(f"predict: {len(texts)} rows on {classifier.device} at {len(texts) / (time.perf_counter() - start):,.0f} rows/s")
+EOF
 
 echo "== 2. clm pre-training of the presets, bf16, sdpa, ZeRO-2, --local, activation checkpointing off / on"
 tiny="family: llama, hidden_size: 64, num_layers: 2, num_heads: 4, intermediate_size: 128"
