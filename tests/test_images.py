@@ -406,3 +406,45 @@ def test_two_ray_workers_take_the_local_runs_mae_and_finetune_steps(
             for key in ("train/loss", "eval/loss", "eval/accuracy"):
                 if key in want:
                     assert have[key] == pytest.approx(want[key], abs=1e-4), (stage, want["step"], key)
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    """Every file below `directory` by its relative path, with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_prepare_on_a_cluster_runs_ray_data_tasks_that_match_the_local_result(
+    small_fashion: dict, tmp_path: Path, ray_cluster
+) -> None:
+    """`launcher prepare` joined to a cluster: one Ray Data task per chunk of images (IDX files, image folders), each
+    writing its own shards; the prepared data is the single-machine result, file for file."""
+    import re
+
+    import yaml
+
+    from tests.conftest import on_ray
+
+    job = yaml.safe_load(JOB.read_text())
+    job["stages"] = job["stages"][:2]  # mae on IDX files, then image_classification on image folders
+    path = tmp_path / "vision-mae.yaml"
+    path.write_text(yaml.safe_dump(job))
+    train = write_idx(tmp_path / "idx", "t10k", *fashion("t10k", 1000))  # 2 chunks (of 512) on any number of cores
+    args = ["prepare", str(path), f"stages.0.data.train={train}",
+            f"stages.0.data.eval={small_fashion['test_idx']}", f"stages.1.data.train={small_fashion['train_folder']}",
+            f"stages.1.data.eval={small_fashion['test_folder']}", "stages.1.data.max_train_samples=null"]  # fmt: skip
+    ray = run_cli(*args, f"output_dir={tmp_path / 'ray'}", env=on_ray(ray_cluster))
+    assert_ok(ray)
+    # 1000 + 100 images: 2 + 1 tasks; 300 + 100 files: 1 + 1 (Ray Data decides how many processes run them)
+    assert "preparation: 3 Ray Data task(s) on the cluster" in ray.stdout, ray.stdout
+    assert "preparation: 2 Ray Data task(s) on the cluster" in ray.stdout, ray.stdout
+    assert re.search(r"stages.0.data: 3 task\(s\) in [123] process\(es\), 1100 images", ray.stdout), ray.stdout
+    local = run_cli(*args, f"output_dir={tmp_path / 'local'}", "--local")
+    assert_ok(local)
+    assert "Ray Data" not in local.stdout and "stages.0.data: 3 task(s) in 1 process(es)" in local.stdout, local.stdout
+    for stage, shards in (("pretrain", 3), ("finetune", 2)):
+        got, want = (_files(data_dir(tmp_path / where, stage)) for where in ("ray", "local"))
+        assert sorted(got) == sorted(want), stage
+        assert len([name for name in got if name.endswith(".images.bin")]) == shards, sorted(got)
+        assert got == want, stage

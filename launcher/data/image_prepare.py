@@ -4,10 +4,12 @@ are unchanged.
 Run as: launcher prepare JOB.yaml   (`launcher run` calls it for stages not prepared yet)
 
 The inputs (image folders, IDX files: `launcher.data.images`) are cut into chunks of images; each chunk
-is one task, run in a worker process per core, that decodes, checks, resizes and crops its images and
-writes its own shards of uint8 pixels. Memory stays bounded by a block of images per task. Without
-`data.eval`, an image is held out for eval when a seeded hash of its pixels falls below
-`data.eval_fraction` (order-free, as for text). `data.max_train_samples` keeps the first images.
+is one task that decodes, checks, resizes and crops its images and writes its own shards of uint8 pixels.
+As for text, tasks run in a worker process per core, or as Ray Data tasks across the cluster when the
+command joined one (`prepare.run_jobs_on_ray`); the shards and their order are the same either way.
+Memory stays bounded by a block of images per task. Without `data.eval`, an image is held out for eval when
+a seeded hash of its pixels falls below `data.eval_fraction` (order-free, as for text).
+`data.max_train_samples` keeps the first images.
 
 Everything is written into a temporary folder next to `<stage>/data/` and renamed into place last, with
 `meta.json` inside: a failed or killed prepare leaves the previous data or none. The image processor
@@ -25,8 +27,8 @@ import os
 import socket
 import sys
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +74,16 @@ class ImageJob:
     eval_fraction: float
     seed: int
     labelled: bool
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ImageJob:
+        data = json.loads(text)
+        source = data["source"]
+        data["source"] = ImageSource(**{**source, "files": tuple(source["files"]), "labels": tuple(source["labels"])})
+        return cls(**data)
 
 
 def in_eval(pixels: np.ndarray, seed: int, fraction: float) -> bool:
@@ -140,6 +152,12 @@ def run_image_job(job: ImageJob) -> dict:
         return {"shard": job.shard, "error": str(exc)}
 
 
+def ray_image_task(row: dict) -> dict:
+    """Ray Data's `map` over image jobs, as `shard_task.ray_task` over text ones: the job as JSON in, what it
+    wrote as JSON out."""
+    return {"result": json.dumps(run_image_job(ImageJob.from_json(row["job"])))}
+
+
 def run_image_jobs(jobs: list[ImageJob]) -> list[dict]:
     """Few images are decoded here (a worker's start costs more); more in worker processes, one per core
     (spawned: no copied threads)."""
@@ -156,6 +174,9 @@ def run_image_jobs(jobs: list[ImageJob]) -> list[dict]:
         workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(),)
     ) as pool:
         return list(pool.map(run_image_job, jobs))
+
+
+ImageRunner = Callable[[list[ImageJob]], list[dict]]
 
 
 def processor_origin(spec: JobSpec, stage: StageSpec) -> Path | None:
@@ -199,14 +220,15 @@ def _sources(spec: JobSpec, index: int) -> dict[str, list[ImageSource]]:
     return found
 
 
-def prepare_images(spec: JobSpec, index: int) -> Any:
-    """Prepare stage `index`'s images (cached); returns its `PreparedStage` (samples are images)."""
+def prepare_images(spec: JobSpec, index: int, run_jobs: ImageRunner = run_image_jobs) -> Any:
+    """Prepare stage `index`'s images (cached); returns its `PreparedStage` (samples are images). `run_jobs` runs
+    the tasks (`prepare.run_jobs_on_ray`: as Ray Data tasks on the cluster joined)."""
     from launcher.data.prepare import into_place, read_meta
 
     stage = spec.stages[index]
     sources = _sources(spec, index)
     return into_place(layout.data_dir(spec, stage.name), fingerprint(spec, stage, sources), read_meta(spec, stage),
-                      lambda work: _prepare_into(spec, index, sources, work))  # fmt: skip
+                      lambda work: _prepare_into(spec, index, sources, work, run_jobs))  # fmt: skip
 
 
 def _chunk_images(total: int) -> int:
@@ -343,7 +365,9 @@ def save_processor(out: Path, size: int, mean: list[float], std: list[float]) ->
     atomic.write_json(out / PROCESSOR_FILE, processor_config(size, mean, std))
 
 
-def _prepare_into(spec: JobSpec, index: int, sources: dict[str, list[ImageSource]], work: Path) -> Any:
+def _prepare_into(
+    spec: JobSpec, index: int, sources: dict[str, list[ImageSource]], work: Path, run_jobs: ImageRunner
+) -> Any:
     from launcher.data.prepare import PreparedStage
 
     stage, data = spec.stages[index], spec.stages[index].data
@@ -353,7 +377,7 @@ def _prepare_into(spec: JobSpec, index: int, sources: dict[str, list[ImageSource
                  data.max_train_samples if own_eval else None)  # fmt: skip
     if own_eval:
         jobs += _plan(stage, sources["eval"], "eval", len(jobs), work, spec.seed, data.max_eval_samples)
-    results = run_image_jobs(jobs)
+    results = run_jobs(jobs)
     splits, modes = _assemble(results)
     splits = {
         "train": _cut(splits["train"], data.max_train_samples),

@@ -5,8 +5,9 @@ Run as: launcher prepare JOB.yaml   (`launcher run` calls it for stages not prep
 The corpus is cut into chunks (`corpus.plan_chunks`); each chunk is one task that tokenizes it in
 batches and writes its own shard (`shard_task`). Tasks run on this machine's cores (worker
 processes), or as Ray Data tasks across the cluster when the command joined one; the shards and
-their order are the same either way. Memory stays bounded by a batch per task, whatever the corpus
-size. The vocabulary, when trained, streams over (a bounded sample of) the training documents.
+their order are the same either way (image stages hand their tasks to the same runners). Memory
+stays bounded by a batch per task, whatever the corpus size. The vocabulary, when trained, streams
+over (a bounded sample of) the training documents.
 
 Everything is written into a temporary folder next to `<stage>/data/` and renamed into place
 last, with `meta.json` inside: a killed or failed prepare leaves the previous data or none, never
@@ -23,9 +24,10 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -50,7 +52,14 @@ from launcher.jobspec.start import resolve_start
 META_VERSION = 3  # 3: sharded streams in the smallest dtype, documents split by a hash of their text
 MIN_CHUNK_BYTES = 4 << 20
 
-JobRunner = Callable[[list[ShardJob]], list[dict]]
+# Runs a stage's preparation tasks, text (`ShardJob`) or image (`ImageJob`) ones; results in the jobs' order.
+JobRunner = Callable[[list[Any]], list[dict]]
+
+
+class JsonJob(Protocol):
+    """A task's job as Ray Data carries it: plain values, written with `to_json` (read back by its task)."""
+
+    def to_json(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -94,8 +103,19 @@ def read_meta(spec: JobSpec, stage: StageSpec) -> dict | None:
     return meta if isinstance(meta, dict) and "fingerprint" in meta else None
 
 
-def run_jobs_locally(jobs: list[ShardJob]) -> list[dict]:
-    """One job runs here with the tokenizer's threads; more run in worker processes, one per core."""
+def _image_jobs(jobs: Sequence[Any]) -> bool:
+    from launcher.data.image_prepare import ImageJob
+
+    return bool(jobs) and isinstance(jobs[0], ImageJob)
+
+
+def run_jobs_locally(jobs: list[Any]) -> list[dict]:
+    """One job runs here with the tokenizer's threads; more run in worker processes, one per core.
+    Image jobs: `image_prepare.run_image_jobs`."""
+    if _image_jobs(jobs):
+        from launcher.data.image_prepare import run_image_jobs
+
+        return run_image_jobs(jobs)
     workers = min(len(jobs), os.cpu_count() or 1)
     if workers <= 1 or any(job.limits for job in jobs):
         return list(_serial(jobs))
@@ -140,17 +160,28 @@ def _serial(jobs: list[ShardJob]) -> Iterator[dict]:
                 remaining[split] -= entry["num_docs"]
 
 
-def run_jobs_on_ray(jobs: list[ShardJob]) -> list[dict]:
-    """One Ray Data task per chunk, anywhere in the cluster; each writes its shard to the shared folder."""
+def run_jobs_on_ray(jobs: list[Any]) -> list[dict]:
+    """One Ray Data task per chunk (text) or block of images, anywhere in the cluster; each writes its shard to
+    the shared folder."""
+    if _image_jobs(jobs):
+        from launcher.data.image_prepare import ray_image_task
+
+        return run_tasks_on_ray(jobs, ray_image_task)
     if any(job.limits for job in jobs):
         return run_jobs_locally(jobs)  # capped samples: a small, ordered read
+    return run_tasks_on_ray(jobs, ray_task)
+
+
+def run_tasks_on_ray(jobs: Sequence[JsonJob], task: Callable[[dict], dict]) -> list[dict]:
+    """One Ray Data task per job: `task` maps a row {"job": job.to_json()} to {"result": its result as JSON};
+    the results come back sorted by shard, as the jobs were."""
     import ray.data
 
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     dataset = ray.data.from_items([{"job": job.to_json()} for job in jobs], override_num_blocks=len(jobs))
     print(f"preparation: {len(jobs)} Ray Data task(s) on the cluster", flush=True)
-    rows = dataset.map(ray_task, num_cpus=1).take_all()
+    rows = dataset.map(task, num_cpus=1).take_all()
     return sorted((json.loads(row["result"]) for row in rows), key=lambda result: result["shard"])
 
 
@@ -246,7 +277,7 @@ def prepare_stage(spec: JobSpec, index: int, run_jobs: JobRunner = run_jobs_loca
     if stage.task in IMAGE_TASKS:  # images: decoded, checked and stored as pixels (launcher.data.image_prepare)
         from launcher.data.image_prepare import prepare_images
 
-        return prepare_images(spec, index)
+        return prepare_images(spec, index, run_jobs)
     out = layout.data_dir(spec, stage.name)
     return into_place(out, fingerprint(spec, stage), read_meta(spec, stage),
                       lambda work: _prepare_into(spec, index, work, run_jobs))  # fmt: skip
