@@ -53,7 +53,7 @@ def test_curve_runner_writes_the_csv_and_a_readable_plot_and_replots_from_its_ca
     # Settings are chosen on 10% carved from the labeled training reviews, not on the test set.
     # (and the ELECTRA-style start: jobs/transfer-rtd.yaml's rtd pre-training, its discriminator fine-tuned;
     # masked LM alone: the demo's pre-training with random token embeddings)
-    validation = curve(tmp_path, "--starts", "random,rtd,mlm", "--sizes", "40", "--split", "validation")
+    validation = curve(tmp_path, "--starts", "rtd,mlm", "--sizes", "40", "--split", "validation")
     assert "validation accuracy" in validation.stdout and "pre-training rtd (4 steps)" in validation.stdout
     config = (tmp_path / "starts" / "rtd" / "transfer-rtd" / "pretrain" / "model" / "config.json").read_text()
     assert '"ElectraForPreTraining"' in config
@@ -69,11 +69,11 @@ def test_curve_runner_writes_the_csv_and_a_readable_plot_and_replots_from_its_ca
     # The learning rate is chosen per start; a point is cached per rate: another rate runs its own points, and
     # each start is tabulated at its own rate only.
     before = len(stage_summaries())
-    curve(tmp_path, "--starts", "random,mlm", "--sizes", "40", "--split", "validation", "--lr", "1e-3,random=5e-4")
-    assert len(stage_summaries()) == before + 1, "one new point: random at its own rate; mlm cached"
+    curve(tmp_path, "--starts", "rtd,mlm", "--sizes", "40", "--split", "validation", "--lr", "1e-3,mlm=5e-4")
+    assert len(stage_summaries()) == before + 1, "one new point: mlm at its own rate; rtd cached"
     with (tmp_path / "curve-validation.csv").open(newline="") as stream:
         rates = {(r["start"], r["lr"]) for r in csv.DictReader(stream)}
-    assert rates == {("random", "0.0005"), ("rtd", "0.001"), ("mlm", "0.001")}, rates
+    assert rates == {("rtd", "0.001"), ("mlm", "0.0005")}, rates
 
 
 @pytest.mark.parametrize(
