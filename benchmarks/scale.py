@@ -147,12 +147,19 @@ def overrides(row: tuple, workers: int, steps: int, out: Path) -> list[str]:
     ]  # fmt: skip
 
 
+class RowFailed(Exception):
+    """A row's `launcher run` failed: the table still prints the other rows, and this one's reason."""
+
+
 def launcher(*args: str) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "", "DS_ACCELERATOR": "cpu"}
     done = subprocess.run([sys.executable, "-m", "launcher", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, check=False)  # fmt: skip
     if done.returncode != 0:
-        sys.exit(f"scale: `launcher {' '.join(args)}` failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        output = done.stdout + done.stderr
+        oom = "memory monitor" in output or "OutOfMemoryError" in output
+        why = "Ray's memory monitor killed a worker (out of host memory)" if oom else output.strip()[-1500:]
+        raise RowFailed(f"`launcher {' '.join(args)}` failed ({done.returncode}): {why}")
 
 
 def measure(row: tuple, workers: int, steps: int, out: Path) -> dict:
@@ -219,19 +226,35 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "scale")
+    parser.add_argument("--rows", help="comma-separated row names to run (default: all of the chosen set)")
+    parser.add_argument("--no-probes", action="store_true", help="skip the activation probes")
     args = parser.parse_args()
-    probe_activations("bert-base", "mlm", 4, 512)
-    if args.activations_only or not args.quick:
-        probe_activations("bert-base", "mlm", 4, 512, attention="eager")
-    if args.activations_only:
-        return
-    if not args.quick:
-        probe_activations("gpt2", "clm", 4, 512)
-    rows = []
-    for row in QUICK if args.quick else FULL:
-        rows.append(measure(row, args.workers, args.steps, args.out))
-        print(f"scale: {row[0]} done", file=sys.stderr, flush=True)
+    if not args.no_probes:
+        probe_activations("bert-base", "mlm", 4, 512)
+        if args.activations_only or not args.quick:
+            probe_activations("bert-base", "mlm", 4, 512, attention="eager")
+        if args.activations_only:
+            return
+        if not args.quick:
+            probe_activations("gpt2", "clm", 4, 512)
+    chosen = QUICK if args.quick else FULL
+    if args.rows:
+        names = args.rows.split(",")
+        unknown = sorted(set(names) - {row[0] for row in FULL})
+        if unknown:
+            sys.exit(f"--rows: no row {', '.join(unknown)} (rows: {', '.join(row[0] for row in FULL)})")
+        chosen = [row for row in FULL if row[0] in names]
+    rows, failed = [], []
+    for row in chosen:
+        try:
+            rows.append(measure(row, args.workers, args.steps, args.out))
+            print(f"scale: {row[0]} done", file=sys.stderr, flush=True)
+        except RowFailed as exc:
+            failed.append(f"{row[0]}: {exc}")
+            print(f"scale: {row[0]} failed", file=sys.stderr, flush=True)
     print_table(rows)
+    for line in failed:
+        print(f"failed: {line}")
     print(
         "states: rank 0's weights + optimizer state (Adam moments, fp32 master), the ZeRO formula against the "
         "tensors' bytes; rest: peak RSS - RSS before the model - model states (gradients from the formula)"
