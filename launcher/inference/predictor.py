@@ -53,9 +53,15 @@ def bad_image_in(message: str) -> tuple[str, str] | None:
     return (json.loads(found.group(1)), found.group(2).strip()) if found else None
 
 
-def _device() -> torch.device:
-    """Where a predictor runs: the GPU Ray gave its actor (`cluster.use_gpu`) or this process has, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _load(auto_class: Any, model_dir: str) -> tuple[Any, torch.device]:
+    """The export's model in eval mode, on the GPU Ray gave this actor (`cluster.use_gpu`) or this process has, else
+    the CPU; transformers' own lines stay off the console (it is for the command's own lines)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return auto_class.from_pretrained(model_dir, local_files_only=True).eval().to(device), device
 
 
 def _with_scores(frame: Any, probabilities: np.ndarray, labels: list[str]) -> Any:
@@ -102,15 +108,10 @@ class TextClassifier(_TextPredictor):
     head = "ForSequenceClassification"
 
     def __init__(self, model_dir: str, text_field: str, batch_size: int = 64, max_length: int | None = None) -> None:
-        import transformers
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        transformers.logging.set_verbosity_error()  # the console is for the command's own lines
-        transformers.utils.logging.disable_progress_bar()
+        self.model, self.device = _load(AutoModelForSequenceClassification, model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.device = _device()
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_dir, local_files_only=True)
-        self.model = self.model.eval().to(self.device)
         config = self.model.config
         self.labels = [str(config.id2label[i]) for i in range(config.num_labels)]
         self.text_field, self.batch_size = text_field, batch_size
@@ -165,15 +166,10 @@ class TokenTagger(_TextPredictor):
         max_length: int | None = None,
         aggregation: str = "first",
     ) -> None:
-        import transformers
         from transformers import AutoModelForTokenClassification, AutoTokenizer, pipeline
 
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+        self.model, self.device = _load(AutoModelForTokenClassification, model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.device = _device()
-        self.model = AutoModelForTokenClassification.from_pretrained(model_dir, local_files_only=True)
-        self.model = self.model.eval().to(self.device)
         self.pipeline = pipeline("token-classification", model=self.model, tokenizer=self.tokenizer, device=self.device)
         from transformers.pipelines.token_classification import AggregationStrategy
 
@@ -244,15 +240,10 @@ class ImageClassifier(_Predictor):
     head = "ForImageClassification"
 
     def __init__(self, model_dir: str, image_field: str = "image", batch_size: int = 64, base_dir: str = ".") -> None:
-        import transformers
         from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-        transformers.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
+        self.model, self.device = _load(AutoModelForImageClassification, model_dir)
         self.processor = AutoImageProcessor.from_pretrained(model_dir, local_files_only=True)
-        self.device = _device()
-        self.model = AutoModelForImageClassification.from_pretrained(model_dir, local_files_only=True)
-        self.model = self.model.eval().to(self.device)
         config = self.model.config
         self.labels = [str(config.id2label[i]) for i in range(config.num_labels)]
         self.image_field, self.batch_size, self.base_dir = image_field, batch_size, Path(base_dir)
