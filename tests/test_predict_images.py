@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,6 +99,12 @@ def test_image_predict_local_equals_the_pipeline(classifier: tuple[list[str], Pa
     assert not list(out.glob("*.partial")) and not list(folder_out.glob("*.partial"))
 
 
+def _on_ray(head: Any, overrides: list[str], inputs: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`launcher predict` of the job's vit-scratch stage on 2 Ray actors of the shared head."""
+    return run_cli("predict", str(JOB), *overrides, "cluster.num_workers=2", "--stage", "vit-scratch", "--input",
+                   inputs, "--output", str(out), *extra, env=on_ray(head))  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.ray
 def test_image_predict_on_ray_data_keeps_order_and_equals_the_pipeline(
@@ -106,8 +114,7 @@ def test_image_predict_on_ray_data_keeps_order_and_equals_the_pipeline(
     overrides, export = classifier
     table, files = _images(tmp_path)
     out = tmp_path / "ray"
-    result = run_cli("predict", str(JOB), *overrides, "cluster.num_workers=2", "--stage", "vit-scratch", "--input",
-                     str(table), "--output", str(out), "--batch-size", "4", env=on_ray(ray_cluster))  # fmt: skip
+    result = _on_ray(ray_cluster, overrides, str(table), out, "--batch-size", "4")
     assert_ok(result)
     assert "on 2 Ray actor(s)" in result.stdout
     rows = read_jsonl(out / "table.jsonl")
@@ -149,8 +156,7 @@ def test_a_bad_image_on_ray_names_the_table_line_and_file(
     table, _ = _images(tmp_path)
     bad = _damage(table, "unreadable")
     out = tmp_path / "ray"
-    result = run_cli("predict", str(JOB), *overrides, "cluster.num_workers=2", "--stage", "vit-scratch", "--input",
-                     str(table), "--output", str(out), env=on_ray(ray_cluster))  # fmt: skip
+    result = _on_ray(ray_cluster, overrides, str(table), out)
     assert result.returncode == 2, result.stderr[-3000:]
     assert f"error: {table}: line 3: not a readable image: {bad}" in result.stderr, result.stderr[-3000:]
     assert not (out / "table.jsonl").exists()
@@ -165,8 +171,7 @@ def test_an_image_glob_on_ray_is_one_table_in_path_order(
     _, files = _images(tmp_path)
     out = tmp_path / "ray"
     pattern = str(tmp_path / "images" / "*.png")  # the top folder's images; sub/ is not in the glob
-    result = run_cli("predict", str(JOB), *overrides, "cluster.num_workers=2", "--stage", "vit-scratch", "--input",
-                     pattern, "--output", str(out), env=on_ray(ray_cluster))  # fmt: skip
+    result = _on_ray(ray_cluster, overrides, pattern, out)
     assert_ok(result)
     rows = read_jsonl(out / "predictions.jsonl")
     expected = sorted(f for f in files if f.parent == tmp_path / "images")
