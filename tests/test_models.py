@@ -93,7 +93,7 @@ import json, os, sys
 import numpy as np, torch
 from launcher.jobspec.load import load_spec
 from launcher.jobspec.plan import StagePlan
-from launcher.jobspec.deepspeed_config import build_deepspeed_config
+from launcher.jobspec.deepspeed_config import build_deepspeed_config, model_width
 from launcher.tasks import build_task
 from launcher.worker.context import local_context
 from launcher.worker.engine import build_engine
@@ -120,8 +120,8 @@ for task_name, family in (("mlm", "bert"), ("clm", "llama"), ("classification", 
         torch.manual_seed(0)
         task = build_task(stage, tokenizer)
         model = task.build_model(None)
-        engine = build_engine(model, build_deepspeed_config(spec.deepspeed, stage, plan), stage, plan.steps,
-                              ctx.device, 60)
+        config = build_deepspeed_config(spec.deepspeed, stage, plan, model_width(model))
+        engine = build_engine(model, config, stage, plan.steps, ctx.device, 60)
         engine.train()
         data = np.random.default_rng(0)
         losses = []
