@@ -76,7 +76,7 @@ def _with_scores(frame: Any, probabilities: np.ndarray, labels: list[str]) -> An
 
 
 class _Predictor:
-    """Which exports a predictor takes: those whose architecture name ends with `head`."""
+    """Which exports a predictor takes (those whose architecture name ends with `head`), and a batch's inputs."""
 
     head = ""  # the end of the export's architecture name (`BertForSequenceClassification`)
 
@@ -85,24 +85,29 @@ class _Predictor:
         architectures = json.loads((model_dir / "config.json").read_text()).get("architectures") or []
         return any(name.endswith(cls.head) for name in architectures)
 
-
-class _TextPredictor(_Predictor):
-    """What both text predictors share: a batch's texts checked."""
-
-    text_field: str
-
-    def texts(self, frame: Any) -> list[str]:
-        """The batch's texts; `MissingText` names the first row without one."""
-        if self.text_field not in frame.columns:
-            raise MissingText(0, self.text_field)
-        texts = frame[self.text_field].tolist()
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text:
-                raise MissingText(i, self.text_field)
-        return texts
+    @staticmethod
+    def values(frame: Any, field: str, what: str) -> list[str]:
+        """The batch's `field` (texts, image paths); `MissingText` names the first row without one."""
+        if field not in frame.columns:
+            raise MissingText(0, field, what)
+        values = frame[field].tolist()
+        for i, value in enumerate(values):
+            if not isinstance(value, str) or not value:
+                raise MissingText(i, field, what)
+        return values
 
 
-class TextClassifier(_TextPredictor):
+def _padded(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids and attention mask of `rows`, right-padded to the longest, on `device`."""
+    ids = torch.full((len(rows), max(len(row) for row in rows)), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for j, row in enumerate(rows):
+        ids[j, : len(row)] = torch.tensor(row)
+        mask[j, : len(row)] = 1
+    return ids.to(device), mask.to(device)
+
+
+class TextClassifier(_Predictor):
     """Callable on a pandas DataFrame; returns it with the prediction columns added."""
 
     head = "ForSequenceClassification"
@@ -122,7 +127,7 @@ class TextClassifier(_TextPredictor):
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def __call__(self, frame: Any) -> Any:
-        return _with_scores(frame, self.predict(self.texts(frame)), self.labels)
+        return _with_scores(frame, self.predict(self.values(frame, self.text_field, "text")), self.labels)
 
     def predict(self, texts: list[str]) -> np.ndarray:
         """Class probabilities, one row per text, computed in length-sorted sub-batches."""
@@ -132,13 +137,8 @@ class TextClassifier(_TextPredictor):
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 rows = order[start : start + self.batch_size]
-                width = max(len(encoded[i]) for i in rows)
-                ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for j, i in enumerate(rows):
-                    ids[j, : len(encoded[i])] = torch.tensor(encoded[i])
-                    mask[j, : len(encoded[i])] = 1
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                ids, mask = _padded([encoded[i] for i in rows], self.tokenizer.pad_token_id, self.device)
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
                 result[rows] = logits.float().softmax(-1).cpu().numpy()
         return result
 
@@ -148,7 +148,7 @@ TAGS_COLUMN = "predicted_tags"  # JSON: [word, tag] per word of the text
 AGGREGATIONS = ("first", "max", "average", "simple")
 
 
-class TokenTagger(_TextPredictor):
+class TokenTagger(_Predictor):
     """A token-classification export over a DataFrame of text: per row its words' tags and its entity spans.
 
     The forward passes run in length-sorted sub-batches as `TextClassifier`'s do; turning each text's token scores
@@ -182,7 +182,7 @@ class TokenTagger(_TextPredictor):
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     def __call__(self, frame: Any) -> Any:
-        words, entities = self.predict(self.texts(frame))
+        words, entities = self.predict(self.values(frame, self.text_field, "text"))
         out = frame.copy()
         out[TAGS_COLUMN] = [json.dumps(row) for row in words]
         out[ENTITIES_COLUMN] = [json.dumps(row) for row in entities]
@@ -199,14 +199,8 @@ class TokenTagger(_TextPredictor):
         with torch.inference_mode():
             for start in range(0, len(order), self.batch_size):
                 rows = order[start : start + self.batch_size]
-                width = max(len(encoded["input_ids"][i]) for i in rows)
-                ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for j, i in enumerate(rows):
-                    length = len(encoded["input_ids"][i])
-                    ids[j, :length] = torch.tensor(encoded["input_ids"][i])
-                    mask[j, :length] = 1
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                ids, mask = _padded([encoded["input_ids"][i] for i in rows], self.tokenizer.pad_token_id, self.device)
+                logits = self.model(input_ids=ids, attention_mask=mask).logits
                 probabilities = logits.float().softmax(-1).cpu().numpy()
                 for j, i in enumerate(rows):
                     scores[i] = probabilities[j, : len(encoded["input_ids"][i])]
@@ -249,13 +243,7 @@ class ImageClassifier(_Predictor):
         self.image_field, self.batch_size, self.base_dir = image_field, batch_size, Path(base_dir)
 
     def __call__(self, frame: Any) -> Any:
-        if self.image_field not in frame.columns:
-            raise MissingText(0, self.image_field, "image path")
-        values = frame[self.image_field].tolist()
-        for i, value in enumerate(values):
-            if not isinstance(value, str) or not value:
-                raise MissingText(i, self.image_field, "image path")
-        return _with_scores(frame, self.predict(values), self.labels)
+        return _with_scores(frame, self.predict(self.values(frame, self.image_field, "image path")), self.labels)
 
     def predict(self, values: list[str]) -> np.ndarray:
         """Class probabilities, one row per image path, in sub-batches of `batch_size` images."""
