@@ -15,7 +15,7 @@ MIN_BUCKET = 2**19
 # ZeRO-3 keeps a gathered parameter while its next use is within `stage3_max_reuse_distance` elements, and up to
 # `stage3_max_live_parameters` gathered: DeepSpeed's 1e9 for both keeps a whole model below a billion parameters
 # gathered on every rank once activation checkpointing reuses each block in the backward pass. 30 width^2 is
-# two to three transformer blocks (a block is ~12 width^2), what the memory plan assumes is gathered at a time.
+# two to three transformer blocks (a block is ~12 width^2) gathered at a time.
 LIVE_BLOCKS_ELEMENTS = 30
 
 
