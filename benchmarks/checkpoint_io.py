@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from launcher import checkpoint_manifest as manifest
-from launcher.jobspec.deepspeed_config import build_deepspeed_config, model_width
+from launcher.jobspec.deepspeed_config import build_deepspeed_config
 from launcher.jobspec.load import load_spec
 from launcher.jobspec.plan import plan_job
 from launcher.worker import deepspeed_io
@@ -102,7 +102,7 @@ def build(seq_len: int) -> tuple[Any, Any, dict[str, Any]]:
     plan = plan_job(spec, True, {stage.name: 400})[0]
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig())
-    config = build_deepspeed_config(spec.deepspeed, stage, plan, model_width(model))
+    config = build_deepspeed_config(spec.deepspeed, stage, plan, model)
     engine = build_engine(model, config, stage, 10, ctx.device, 600)
     ids = torch.randint(0, model.config.vocab_size, (plan.micro_batch_size, seq_len))
     loss = engine(input_ids=ids, labels=ids).loss

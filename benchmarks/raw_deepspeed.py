@@ -19,7 +19,7 @@ import torch
 
 from launcher.data.tokenizer import load_tokenizer
 from launcher.jobspec import layout
-from launcher.jobspec.deepspeed_config import build_deepspeed_config, model_width
+from launcher.jobspec.deepspeed_config import build_deepspeed_config
 from launcher.jobspec.load import load_spec
 from launcher.jobspec.plan import plan_stage
 from launcher.tasks import build_task
@@ -35,7 +35,7 @@ def main(job: str, output_dir: str, steps: int) -> None:
     torch.manual_seed(spec.seed)
     task = build_task(stage, load_tokenizer(layout.tokenizer_dir(spec, stage.name)))
     model = task.build_model(None)
-    config = build_deepspeed_config(spec.deepspeed, stage, plan, model_width(model))
+    config = build_deepspeed_config(spec.deepspeed, stage, plan, model)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     data = task.dataset(layout.data_dir(spec, stage.name), "train")
     generator = torch.Generator().manual_seed(rank)

@@ -20,7 +20,7 @@ import contextlib, json, sys
 import deepspeed, torch, transformers
 from launcher.jobspec.load import load_spec
 from launcher.jobspec.plan import StagePlan
-from launcher.jobspec.deepspeed_config import build_deepspeed_config, model_width
+from launcher.jobspec.deepspeed_config import build_deepspeed_config
 from launcher.worker.context import local_context
 from launcher.worker.engine import build_engine, param_groups
 
@@ -39,7 +39,7 @@ model = transformers.BertForSequenceClassification(config)
 reference = transformers.BertForSequenceClassification(config)
 reference.load_state_dict(model.state_dict())
 ctx = local_context(use_gpu=False)
-ds_config = build_deepspeed_config(spec.deepspeed, stage, plan, model_width(model))
+ds_config = build_deepspeed_config(spec.deepspeed, stage, plan, model)
 engine = build_engine(model, ds_config, stage, plan.steps, ctx.device, 60)
 ds_calls = []
 original = engine.allreduce_gradients
@@ -139,7 +139,7 @@ import json, sys
 import torch, transformers
 from launcher.jobspec.load import load_spec
 from launcher.jobspec.plan import StagePlan
-from launcher.jobspec.deepspeed_config import build_deepspeed_config, model_width
+from launcher.jobspec.deepspeed_config import build_deepspeed_config
 from launcher.worker.context import local_context
 from launcher.worker.engine import build_engine
 
@@ -156,7 +156,7 @@ engines, norms, losses = [], [], []
 for deepspeed_clip in (False, True):
     torch.manual_seed(0)
     model = transformers.BertForSequenceClassification(config)
-    ds_config = build_deepspeed_config(spec.deepspeed, stage, plan, model_width(model))
+    ds_config = build_deepspeed_config(spec.deepspeed, stage, plan, model)
     engine = build_engine(model, ds_config, stage, plan.steps, ctx.device, 60)
     if deepspeed_clip:
         del engine.clip_fp32_gradients  # back to DeepSpeed's own method

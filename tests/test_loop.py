@@ -71,7 +71,7 @@ def build(launch: Any, ctx: Any, checkpoints: Path, **stage_changes: Any) -> Any
     """A fresh Loop (model seeded the same way every time) over the launch's prepared data."""
     from launcher.checkpoint_manifest import run_meta
     from launcher.data.tokenizer import load_tokenizer
-    from launcher.jobspec.deepspeed_config import build_deepspeed_config, model_width
+    from launcher.jobspec.deepspeed_config import build_deepspeed_config
     from launcher.tasks import build_task
     from launcher.worker.engine import build_engine
     from launcher.worker.loop import Loop
@@ -84,7 +84,7 @@ def build(launch: Any, ctx: Any, checkpoints: Path, **stage_changes: Any) -> Any
     torch.manual_seed(0)
     task = build_task(stage, load_tokenizer(launch.paths.tokenizer_dir))
     model = task.build_model(None)
-    config = build_deepspeed_config(launch.spec.deepspeed, stage, plan, model_width(model))
+    config = build_deepspeed_config(launch.spec.deepspeed, stage, plan, model)
     engine = build_engine(model, config, stage, plan.steps, ctx.device, 60)
     data_dir = launch.paths.data_dir
     return Loop(

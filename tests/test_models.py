@@ -14,11 +14,8 @@ import pytest
 from launcher.errors import UserError
 from launcher.jobspec.load import load_spec
 from launcher.jobspec.presets import PRESETS, PUBLISHED_PARAMS
+from launcher.models.count import NoTokenizer
 from tests.conftest import ROOT, TINY, run_cli
-
-
-class _Special:
-    pad_token_id = bos_token_id = eos_token_id = None
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -37,7 +34,7 @@ def test_preset_builds_the_published_model(name: str) -> None:
     spec = load_spec(TINY, [f"stages.0.model={{preset: {name}}}", "stages.0.tokenizer={}", f"stages.0.task={task}"])
     model = spec.stages[0].model
     assert spec.stages[0].tokenizer.vocab_size == PRESETS[name]["vocab_size"]
-    config = hf_config(model, spec.stages[0].tokenizer.vocab_size, _Special(), None)
+    config = hf_config(model, spec.stages[0].tokenizer.vocab_size, NoTokenizer(), None)
     # BERT's figure is the encoder's (BertModel); a decoder's is its language model's (an untied output layer counts)
     auto = transformers.AutoModel if model.family == "bert" else transformers.AutoModelForCausalLM
     with torch.device("meta"):
@@ -93,7 +90,7 @@ import json, os, sys
 import numpy as np, torch
 from launcher.jobspec.load import load_spec
 from launcher.jobspec.plan import StagePlan
-from launcher.jobspec.deepspeed_config import build_deepspeed_config, model_width
+from launcher.jobspec.deepspeed_config import build_deepspeed_config
 from launcher.tasks import build_task
 from launcher.worker.context import local_context
 from launcher.worker.engine import build_engine
@@ -120,7 +117,7 @@ for task_name, family in (("mlm", "bert"), ("clm", "llama"), ("classification", 
         torch.manual_seed(0)
         task = build_task(stage, tokenizer)
         model = task.build_model(None)
-        config = build_deepspeed_config(spec.deepspeed, stage, plan, model_width(model))
+        config = build_deepspeed_config(spec.deepspeed, stage, plan, model)
         engine = build_engine(model, config, stage, plan.steps, ctx.device, 60)
         engine.train()
         data = np.random.default_rng(0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from launcher.errors import UserError
 from launcher.jobspec.deepspeed_config import build_deepspeed_config
@@ -20,7 +21,7 @@ def test_global_batch_is_derived_once() -> None:
     assert plan.tokens_per_step == 64 * 32
     local = plan_stage(spec, 0, local=True)
     assert (local.world_size, local.grad_accum_steps) == (1, 8)
-    config = build_deepspeed_config(spec.deepspeed, spec.stages[0], plan, 128)
+    config = build_deepspeed_config(spec.deepspeed, spec.stages[0], plan, torch.nn.Linear(1, 1))
     assert config["train_batch_size"] == 64
     assert config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * 4 == 64
     bad = load_spec(TINY, ["cluster.num_workers=3", "stages.0.batch.grad_accum_steps=null",
@@ -220,27 +221,27 @@ def test_buckets_follow_the_model_width() -> None:
     """DeepSpeed's buckets are HF's "auto" sizes from the width (BERT-base: 768^2 elements, 0.9 of that
     prefetched under ZeRO-3), the widest stage of a ResNet, and a floor for a tiny model; ZeRO-3 keeps about
     two blocks gathered (30 width^2), not DeepSpeed's 1e9 elements."""
-    import torch
     import transformers
 
     from launcher.jobspec.deepspeed_config import MIN_BUCKET, model_width
     from launcher.models.configs import hf_config
+    from launcher.models.count import NoTokenizer
 
     spec = load_spec(TINY, ["stages.0.model={preset: bert-base}", "stages.0.tokenizer={}", "deepspeed.zero_stage=3"])
     plan = plan_stage(spec, 0, local=False)
     with torch.device("meta"):
         bert = transformers.AutoModelForMaskedLM.from_config(
-            hf_config(spec.stages[0].model, spec.stages[0].tokenizer.vocab_size, _Special(), None)
+            hf_config(spec.stages[0].model, spec.stages[0].tokenizer.vocab_size, NoTokenizer(), None)
         )
         resnet = transformers.ResNetModel(transformers.ResNetConfig(hidden_sizes=[256, 512, 1024, 2048]))
+        small = transformers.ViTModel(
+            transformers.ViTConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=2)
+        )
     assert (model_width(bert), model_width(resnet)) == (768, 2048)
-    zero = build_deepspeed_config(spec.deepspeed, spec.stages[0], plan, model_width(bert))["zero_optimization"]
+    assert model_width(small) == 64
+    zero = build_deepspeed_config(spec.deepspeed, spec.stages[0], plan, bert)["zero_optimization"]
     assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"]) == (589_824, 530_841)
     assert zero["stage3_max_live_parameters"] == zero["stage3_max_reuse_distance"] == 30 * 589_824
-    tiny = build_deepspeed_config(spec.deepspeed, spec.stages[0], plan, 64)["zero_optimization"]
+    tiny = build_deepspeed_config(spec.deepspeed, spec.stages[0], plan, small)["zero_optimization"]
     assert tiny["reduce_bucket_size"] == tiny["stage3_prefetch_bucket_size"] == MIN_BUCKET
     assert tiny["stage3_max_live_parameters"] == MIN_BUCKET
-
-
-class _Special:
-    pad_token_id = bos_token_id = eos_token_id = None

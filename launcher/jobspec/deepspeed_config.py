@@ -29,10 +29,10 @@ def model_width(model: Any) -> int:
     return max(widths)
 
 
-def build_deepspeed_config(ds: DeepSpeedSpec, stage: StageSpec, plan: StagePlan, width: int) -> dict[str, Any]:
-    """DeepSpeed config for one stage; batch sizes come from the plan (one source of truth), buckets from
-    the model's `width` (`model_width`)."""
-    optim = stage.optim
+def build_deepspeed_config(ds: DeepSpeedSpec, stage: StageSpec, plan: StagePlan, model: Any) -> dict[str, Any]:
+    """DeepSpeed config for one stage's `model`; batch sizes come from the plan (one source of truth), buckets
+    from the model's width (`model_width`)."""
+    optim, width = stage.optim, model_width(model)
     config: dict[str, Any] = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,

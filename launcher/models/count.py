@@ -10,8 +10,8 @@ from launcher.jobspec.models import JobSpec, ModelSpec, StageSpec
 from launcher.jobspec.start import resolve_start
 
 
-class _NoTokenizer:
-    """Special-token ids do not change a model's size."""
+class NoTokenizer:
+    """A tokenizer stand-in without special tokens: their ids do not change a model's size."""
 
     pad_token_id = bos_token_id = eos_token_id = None
 
@@ -27,7 +27,7 @@ def count_parameters(stage: StageSpec, model: ModelSpec, model_dir: Path | None,
 
     from launcher.tasks import build_task
 
-    task = build_task(stage, _NoTokenizer())
+    task = build_task(stage, NoTokenizer())
     if model_dir is not None:
         try:
             config = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)

@@ -31,7 +31,7 @@ from launcher.contract import StageLaunch, StageResult
 from launcher.data.validation import has_validation
 from launcher.errors import RunError, UserError
 from launcher.hooks import loop_hooks, verbose
-from launcher.jobspec.deepspeed_config import build_deepspeed_config, model_width
+from launcher.jobspec.deepspeed_config import build_deepspeed_config
 from launcher.jobspec.layout import STOP_FILE
 from launcher.metrics import MetricsWriter, NullWriter, compute_precision, json_safe, matmul_shapes, peak_flops
 from launcher.tasks import build_task, load_preprocessor
@@ -71,7 +71,7 @@ def run_stage(launch: StageLaunch, ctx: RankContext) -> StageResult:
             print(f"stage {stage.name}: {line}", flush=True)
     fpt = task.flops_per_token(model, plan.seq_len)
     num_params = sum(p.numel() for p in model.parameters())
-    ds_config = build_deepspeed_config(spec.deepspeed, stage, plan, model_width(model))
+    ds_config = build_deepspeed_config(spec.deepspeed, stage, plan, model)
     meta = run_meta(ctx.world_size, plan.global_batch_size, plan.zero_stage, stage.precision)
     universal = False
     if restore is not None:
