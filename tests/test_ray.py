@@ -250,32 +250,36 @@ def _reference(prepared: Path, zero: int) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("zero", "first", "then"),
-    # ZeRO-2 one way (its universal path is ZeRO-1's too), ZeRO-3 both ways (its load has repairs of its own).
-    [(2, "ray2", "local1"), pytest.param(3, "ray2", "local1", marks=pytest.mark.slow),
-     pytest.param(3, "local1", "ray2", marks=pytest.mark.slow)],
+    ("zero", "modes"),
+    # ZeRO-2 one way (its universal path is ZeRO-1's too); ZeRO-3 both ways in one chain (its load has repairs
+    # of its own): 2 workers stop at step 4, 1 process resumes and stops at 6, 2 workers resume and finish.
+    [pytest.param(2, ("ray2", "local1"), id="2-ray2-local1"),
+     pytest.param(3, ("ray2", "local1", "ray2"), marks=pytest.mark.slow, id="3-ray2-local1-ray2")],
 )  # fmt: skip
-def test_resume_on_a_different_worker_count(
-    head, tmp_path, reshard_reference: Path, zero: int, first: str, then: str
-) -> None:
+def test_resume_on_a_different_worker_count(head, tmp_path, reshard_reference: Path, zero: int, modes) -> None:
     """ZeRO-2 and ZeRO-3 shards of 2 workers resume on 1, and ZeRO-3's of 1 on 2 (same global batch: 2 x 8 = 1 x 8 x 2),
     through DeepSpeed's universal copy. Draws are keyed by micro-batch, not rank, so every step's loss equals the
     uninterrupted 1-worker run's."""
     from launcher.hooks import STOP_AFTER_STEP_ENV
 
-    modes = {"ray2": ["cluster.num_workers=2"], "local1": ["--local"]}
+    flags = {"ray2": ["cluster.num_workers=2"], "local1": ["--local"]}
+    env = {"local1": {}, "ray2": on(head)}
     shutil.copytree(reshard_reference, tmp_path / "run")
     out = [f"output_dir={tmp_path / 'run'}", f"deepspeed.zero_stage={zero}"]
-    env = {"local1": {}, "ray2": on(head)}
-    stopped = run_cli("run", *RESHARD_ARGS, *PRETRAIN, *out, *modes[first],
-                      env={**env[first], STOP_AFTER_STEP_ENV: "4"})  # fmt: skip
-    assert stopped.returncode == 75, stopped.stdout[-2000:] + stopped.stderr[-3000:]
-    resumed = run_cli("run", *RESHARD_ARGS, *PRETRAIN, *out, *modes[then], env=env[then])
-    assert_ok(resumed)
-    assert "converting it to DeepSpeed's universal format" in resumed.stdout
-    summary = json.loads((tmp_path / "run" / "tiny" / "pretrain" / "summary.json").read_text())
-    assert summary["resumed_from_step"] == 4 and summary["steps"] == 8
-    assert summary["world_size"] == (2 if then == "ray2" else 1)
+    summary_path = tmp_path / "run" / "tiny" / "pretrain" / "summary.json"
+    stops = [4, 6][: len(modes) - 1]
+    for i, mode in enumerate(modes):
+        stop = {STOP_AFTER_STEP_ENV: str(stops[i])} if i < len(stops) else {}
+        result = run_cli("run", *RESHARD_ARGS, *PRETRAIN, *out, *flags[mode], env={**env[mode], **stop})
+        if stop:
+            assert result.returncode == 75, result.stdout[-2000:] + result.stderr[-3000:]
+        else:
+            assert_ok(result)
+        if i:
+            assert "converting it to DeepSpeed's universal format" in result.stdout, (mode, result.stdout[-2000:])
+    summary = json.loads(summary_path.read_text())
+    assert summary["resumed_from_step"] == stops[-1] and summary["steps"] == 8
+    assert summary["world_size"] == (2 if modes[-1] == "ray2" else 1)
     got = read_jsonl(tmp_path / "run" / "tiny" / "pretrain" / "metrics.jsonl")
     want = read_jsonl(_reference(reshard_reference, zero))
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 9))
