@@ -381,10 +381,10 @@ def test_tiny_vision_exports_load_in_the_pipeline_with_the_label_names(tiny_visi
 @pytest.mark.slow
 @pytest.mark.ray
 def test_two_ray_workers_take_the_local_runs_mae_and_finetune_steps(
-    small_fashion: dict, tmp_path: Path, ray_cluster
+    small_fashion: dict, tiny_vision: Path, tmp_path: Path, ray_cluster
 ) -> None:
-    """The same global batch: --local accumulates 2 micro-batches where 2 Ray workers take one each; crops, flips
-    and masks are drawn per micro-batch from the same seeds, so the losses agree."""
+    """The same global batch: --local (the tiny job's run) accumulates 2 micro-batches where 2 Ray workers take one
+    each; crops, flips and masks are drawn per micro-batch from the same seeds, so the losses agree."""
     import yaml
 
     from tests.conftest import on_ray
@@ -395,11 +395,10 @@ def test_two_ray_workers_take_the_local_runs_mae_and_finetune_steps(
     path.write_text(yaml.safe_dump(job))
     args = [a for a in tiny_overrides(tmp_path, small_fashion["train_idx"], small_fashion["test_idx"])
             if not a.startswith(("stages.2", "stages.3"))]  # fmt: skip
-    local, ray = tmp_path / "local", tmp_path / "ray"
-    assert_ok(run_cli("run", str(path), "--local", *args, f"output_dir={local}"))
+    ray = tmp_path / "ray"
     assert_ok(run_cli("run", str(path), *args, "cluster.num_workers=2", f"output_dir={ray}", env=on_ray(ray_cluster)))
     for stage in ("pretrain", "finetune"):
-        expected = read_jsonl(local / "vision-mae" / stage / "metrics.jsonl")
+        expected = read_jsonl(tiny_vision / stage / "metrics.jsonl")
         got = read_jsonl(ray / "vision-mae" / stage / "metrics.jsonl")
         assert [r["step"] for r in got] == [r["step"] for r in expected] == [1, 2, 3], stage
         for want, have in zip(expected, got, strict=True):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -305,29 +306,44 @@ def test_prepared_tags_are_cached_and_label_all_subtokens_prepares_again(tmp_pat
 
 # The tiny shared job with its fine-tuning stage made an NER stage on the hand-checked sample; the stop
 # falls inside that stage (pre-training ends at step 2), with eval and checkpoints not aligned with it.
-RESUME_ARGS = [
+# One global batch for every run: --local accumulates 2 micro-batches where 2 Ray workers take one each.
+NER_ARGS = [
     "jobs/debug/tiny.yaml", "--local", "stages.0.model.dropout=0.1", "stages.0.max_steps=2",
     "stages.1.task=token_classification", f"stages.1.data.train={SAMPLE}", f"stages.1.data.eval={SAMPLE}",
     f"stages.1.data.labels={json.dumps(CONLL_TAGS)}", "stages.1.max_steps=7", "stages.1.eval_every=2",
     "stages.1.checkpoint_every=4",
+    "stages.0.batch.micro_batch_size=4", "stages.0.batch.grad_accum_steps=null", "stages.0.batch.global_batch_size=8",
+    "stages.1.batch.grad_accum_steps=null", "stages.1.batch.global_batch_size=16",
 ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def ner_runs(tmp_path_factory) -> Iterator[tuple[Path, Path]]:
+    """One preparation (its tokenizer is trained once: training is not deterministic across processes) and the
+    uninterrupted --local run, shared by the resume and the 2-worker comparisons below."""
+    root = tmp_path_factory.mktemp("ner")
+    prepared, straight = root / "prepared", root / "straight"
+    assert_ok(run_cli("prepare", *NER_ARGS, f"output_dir={prepared}"))
+    shutil.copytree(prepared, straight)
+    assert_ok(run_cli("run", *NER_ARGS, f"output_dir={straight}"))
+    yield prepared, straight / "tiny" / "finetune"
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_stopped_and_resumed_ner_run_matches_uninterrupted(tmp_path: Path) -> None:
+def test_stopped_and_resumed_ner_run_matches_uninterrupted(ner_runs: tuple[Path, Path], tmp_path: Path) -> None:
     from launcher.coordinator.driver import EXIT_STOPPED
     from launcher.hooks import STOP_AFTER_STEP_ENV
     from tests.conftest import read_jsonl
 
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert_ok(run_cli("prepare", *RESUME_ARGS, f"output_dir={straight}"))
-    shutil.copytree(straight, resumed)
-    assert_ok(run_cli("run", *RESUME_ARGS, f"output_dir={straight}"))
-    stopped = run_cli("run", *RESUME_ARGS, f"output_dir={resumed}", env={STOP_AFTER_STEP_ENV: "3"})
+    prepared, straight = ner_runs
+    resumed = tmp_path / "resumed"
+    shutil.copytree(prepared, resumed)
+    stopped = run_cli("run", *NER_ARGS, f"output_dir={resumed}", env={STOP_AFTER_STEP_ENV: "3"})
     assert stopped.returncode == EXIT_STOPPED, stopped.stderr[-3000:]
     assert [r["step"] for r in read_jsonl(resumed / "tiny" / "finetune" / "metrics.jsonl")][-1] == 3
-    assert_ok(run_cli("run", *RESUME_ARGS, f"output_dir={resumed}"))
-    expected = read_jsonl(straight / "tiny" / "finetune" / "metrics.jsonl")
+    assert_ok(run_cli("run", *NER_ARGS, f"output_dir={resumed}"))
+    expected = read_jsonl(straight / "metrics.jsonl")
     got = read_jsonl(resumed / "tiny" / "finetune" / "metrics.jsonl")
     assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 8))
     for want, have in zip(expected, got, strict=True):
@@ -339,29 +355,22 @@ def test_stopped_and_resumed_ner_run_matches_uninterrupted(tmp_path: Path) -> No
     assert summary["resumed_from_step"] == 3 and summary["steps"] == 7
 
 
-# One global batch for both: --local accumulates 2 micro-batches where 2 Ray workers take one each.
-SAME_BATCH = [
-    "stages.0.batch.micro_batch_size=4", "stages.0.batch.grad_accum_steps=null", "stages.0.batch.global_batch_size=8",
-    "stages.1.batch.grad_accum_steps=null", "stages.1.batch.global_batch_size=16",
-]  # fmt: skip
-
-
 @pytest.mark.slow
 @pytest.mark.ray
-def test_two_ray_workers_take_the_local_runs_steps(ray_cluster: RayHead, tmp_path: Path) -> None:
+def test_two_ray_workers_take_the_local_runs_steps(
+    ner_runs: tuple[Path, Path], ray_cluster: RayHead, tmp_path: Path
+) -> None:
     """Eval sums (entity counts per type) all-reduced over 2 ranks give the figures of one process."""
     from tests.conftest import read_jsonl
 
-    args = [*RESUME_ARGS, *SAME_BATCH, "stages.1.max_steps=4"]
-    local, ray = tmp_path / "local", tmp_path / "ray"
-    assert_ok(run_cli("prepare", *args, f"output_dir={local}"))
-    shutil.copytree(local, ray)
-    assert_ok(run_cli("run", *args, f"output_dir={local}"))
-    workers = [arg for arg in args if arg != "--local"]
+    prepared, straight = ner_runs
+    ray = tmp_path / "ray"
+    shutil.copytree(prepared, ray)
+    workers = [arg for arg in NER_ARGS if arg != "--local"]
     assert_ok(run_cli("run", *workers, "cluster.num_workers=2", f"output_dir={ray}", env=on_ray(ray_cluster)))
-    expected = read_jsonl(local / "tiny" / "finetune" / "metrics.jsonl")
+    expected = read_jsonl(straight / "metrics.jsonl")
     got = read_jsonl(ray / "tiny" / "finetune" / "metrics.jsonl")
-    assert [r["step"] for r in got] == [r["step"] for r in expected] == [1, 2, 3, 4]
+    assert [r["step"] for r in got] == [r["step"] for r in expected] == list(range(1, 8))
     for want, have in zip(expected, got, strict=True):
         for key in ("train/loss", "eval/loss"):
             if key in want:
