@@ -1,8 +1,10 @@
-"""Label-efficiency curve: test accuracy against the number of labeled reviews, one line per starting point.
+"""Label-efficiency curve: test accuracy against the number of labeled reviews (or images), one line per start.
 
 Run as: .venv/bin/python benchmarks/transfer_curve.py [--sizes 250,500,1000,2000,5000,all] [--seeds 0,1,2]
             [--starts random,demo,minilm] [--lr 1e-3,minilm=2e-4] [--cache runs/transfer] [--split test|validation]
             [--choose-lr 2e-4,1e-3,3e-3 [--choose-at 2000]] [--plot-only]
+    or: .venv/bin/python benchmarks/transfer_curve.py --images [--sizes 500,1000,5000,all] [--starts mae,vit,resnet]
+            (the same flags; cache runs/vision-curve)
 
 Every point is `launcher run benchmarks/transfer-finetune.yaml --local` with overrides (no side path):
 the same recipe for every start and size (3 epochs of the first N labeled reviews, at least
@@ -22,6 +24,13 @@ chosen. Starting points, each made once through `launcher run`:
                 demo's steps; rtd-<N>x: N times the steps
   minilm        the packaged all-MiniLM-L6-v2 (pre-trained at scale by others)
   minilm-dapt   MiniLM after jobs/dapt-minilm.yaml's continued masked-LM pre-training on the reviews
+With --images, the same runner fine-tunes benchmarks/vision-finetune.yaml (Fashion-MNIST's 60,000 labeled
+training images, scored on its 10,000 test images; 3 epochs at batch 64, at least 1,000 steps: the small
+ViT from scratch is still far from trained at 250) from:
+  vit           jobs/vision-mae.yaml's small ViT from random initialisation
+  resnet        the same job's small ResNet from random initialisation
+  mae           that ViT's encoder after the job's masked-autoencoder pre-training on the 60,000 training images
+                without their labels (600 steps of 256 images); mae-<N>x: N times the steps
 Everything lands under --cache (starts/, points/<split>/lr<lr>/): a point whose summary is there is not run again, so
 re-plotting (or adding a seed) costs only what is new. Fine-tuned weights are deleted after scoring.
 Writes every cached point of the split, this run's and earlier ones', to <cache>/curve-<split>.csv
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import math
 import os
@@ -42,34 +52,99 @@ import shutil
 import statistics
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
-JOB = ROOT / "benchmarks" / "transfer-finetune.yaml"
-TRAIN = ROOT / "data" / "demo" / "train.csv"
 MINILM = ROOT / "data" / "models" / "all-minilm-l6-v2"
 DEPS = ROOT / "runs" / "bench-deps"
 PLOT_PACKAGES = ("matplotlib==3.11.2", "contourpy==1.3.3", "cycler==0.12.1", "fonttools==4.68.0",
                  "kiwisolver==1.5.1", "pyparsing==3.3.3")  # fmt: skip
-DEMO_STEPS = 800  # the pre-training steps of jobs/demo.yaml, jobs/transfer.yaml and jobs/transfer-rtd.yaml
-# Job and overrides whose stage `pretrain` makes the start's export.
-PRETRAININGS: dict[str, tuple[Path, tuple[str, ...]]] = {
-    "demo": (Path("jobs/demo.yaml"), ()),
-    "mlm": (Path("jobs/demo.yaml"), ("stages.0.embedding_init.method=random",)),
-    "rtd": (Path("jobs/transfer-rtd.yaml"), ()),
-}
-STARTS = ("random", "demo", "demo-4x", "mlm", "mlm-4x", "mlm-16x", "rtd", "rtd-4x", "minilm", "minilm-dapt")
+FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def start_names(text: str) -> list[str]:
-    """`--starts`: each one of STARTS or a pre-training at a multiple of the demo's steps (`mlm-8x`)."""
+class Curve(NamedTuple):
+    """What differs between the text curve and the image curve; the runner is the same."""
+
+    job: Path  # the fine-tuning recipe: one stage, `finetune`
+    train: Path  # its labeled training data (the count of `all`)
+    unit: str  # what a label is given to
+    batch: int  # the recipe's global batch (steps = 3 epochs of it, at least min_steps)
+    min_steps: int  # --min-steps' default
+    # Job and overrides whose stage `pretrain` makes a start's export, and its steps at 1x.
+    pretrainings: dict[str, tuple[Path, tuple[str, ...]]]
+    pretrain_steps: int
+    fixed: dict[str, tuple[str, ...]]  # starts made by overrides alone
+    starts: tuple[str, ...]
+    defaults: dict[str, str]  # --sizes, --starts, --lr, --cache
+    missing: str  # what to run when `train` is missing
+
+    def labeled(self) -> int:
+        if self.train.suffix == ".gz":  # an IDX label file: its item count is the second big-endian word
+            with gzip.open(self.train) as stream:
+                return int.from_bytes(stream.read(8)[4:], "big")
+        with self.train.open(newline="") as stream:
+            return sum(1 for _ in csv.DictReader(stream))
+
+
+TEXT = Curve(
+    job=ROOT / "benchmarks" / "transfer-finetune.yaml",
+    train=ROOT / "data" / "demo" / "train.csv",
+    unit="reviews",
+    batch=32,
+    min_steps=250,
+    pretrainings={
+        "demo": (Path("jobs/demo.yaml"), ()),
+        "mlm": (Path("jobs/demo.yaml"), ("stages.0.embedding_init.method=random",)),
+        "rtd": (Path("jobs/transfer-rtd.yaml"), ()),
+    },
+    pretrain_steps=800,  # the pre-training steps of jobs/demo.yaml, jobs/transfer.yaml and jobs/transfer-rtd.yaml
+    fixed={"minilm": (f"stages.0.init_from={MINILM}",)},
+    starts=("random", "demo", "demo-4x", "mlm", "mlm-4x", "mlm-16x", "rtd", "rtd-4x", "minilm", "minilm-dapt"),
+    # Chosen with --split validation at 2,000 labels (3 seeds, 2026-12-04): random init 0.614 / 0.675 / 0.618
+    # at 2e-4 / 1e-3 / 3e-3; the demo's 4x pre-training 0.583 / 0.639 at 2e-4 / 1e-3 (the best of both at 1e-3).
+    # MiniLM (22M parameters, pre-trained at scale) at 2,000 labels, seed 0 (2026-12-04): 0.804 / 0.709 at
+    # 2e-4 / 1e-3; minilm-dapt is the same encoder and takes MiniLM's rate.
+    defaults={
+        "sizes": "250,500,1000,2000,5000,all",
+        "starts": "random,demo,minilm",
+        "lr": "1e-3,minilm=2e-4,minilm-dapt=2e-4",
+        "cache": "runs/transfer",
+    },
+    missing="make data",
+)
+IMAGES = Curve(
+    job=ROOT / "benchmarks" / "vision-finetune.yaml",
+    train=FASHION / "train-labels-idx1-ubyte.gz",
+    unit="images",
+    batch=64,
+    min_steps=1000,
+    pretrainings={"mae": (Path("jobs/vision-mae.yaml"), ())},
+    pretrain_steps=600,
+    fixed={
+        "vit": (),
+        "resnet": ("stages.0.model={family: resnet, hidden_size: 32, num_layers: 3, depths: [1, 1, 1]}",),
+    },
+    starts=("mae", "mae-4x", "vit", "resnet"),
+    defaults={"sizes": "500,1000,5000,all", "starts": "mae,vit,resnet", "lr": "1e-3", "cache": "runs/vision-curve"},
+    missing="make data (Debian's dataset-fashion-mnist)",
+)
+
+
+def start_names(curve: Curve, text: str) -> list[str]:
+    """`--starts`: each one of the curve's starts or a pre-training at a multiple of its steps (`mlm-8x`)."""
     starts = text.split(",")
     for start in starts:
         kind, _, times = start.partition("-")
         multiple = times.endswith("x") and times[:-1].isdigit() and int(times[:-1]) > 0
-        if start not in STARTS and not (kind in PRETRAININGS and multiple):
-            raise argparse.ArgumentTypeError(f"unknown start {start!r} (one of {', '.join(STARTS)}, or e.g. demo-8x)")
+        if start not in curve.starts and not (kind in curve.pretrainings and multiple):
+            example = next(iter(curve.pretrainings)) + "-8x"
+            raise argparse.ArgumentTypeError(
+                f"unknown start {start!r} (one of {', '.join(curve.starts)}, or e.g. {example})"
+            )
     return starts
 
 
@@ -101,15 +176,15 @@ def launcher(*args: str) -> subprocess.CompletedProcess:
     return result
 
 
-def start_overrides(start: str, cache: Path, pretrain_steps: int | None) -> list[str]:
+def start_overrides(curve: Curve, start: str, cache: Path, pretrain_steps: int | None) -> list[str]:
     """The fine-tuning job's overrides for a starting point; its export is made first when missing."""
-    if start == "minilm":
-        return [f"stages.0.init_from={MINILM}"]
-    if start == "random" or start.split("-")[0] in PRETRAININGS:
+    if start in curve.fixed:
+        return list(curve.fixed[start])
+    if start == "random" or start.split("-")[0] in curve.pretrainings:
         base = "demo" if start == "random" else start
         kind, _, times = base.partition("-")
-        job, extra = PRETRAININGS[kind]
-        steps = pretrain_steps or DEMO_STEPS * int(times[:-1] or 1)
+        job, extra = curve.pretrainings[kind]
+        steps = pretrain_steps or curve.pretrain_steps * int(times[:-1] or 1)
         out = cache / "starts" / base
         export = out / job.stem / "pretrain" / "model"
         if not (export / "config.json").is_file():
@@ -129,11 +204,6 @@ def start_overrides(start: str, cache: Path, pretrain_steps: int | None) -> list
     raise AssertionError(f"start {start!r} passed --starts' check but has no recipe")
 
 
-def labeled_reviews() -> int:
-    with TRAIN.open(newline="") as stream:
-        return sum(1 for _ in csv.DictReader(stream))
-
-
 class Rates(NamedTuple):
     """`--lr`: the fine-tuning rate of every start, and the starts that have their own."""
 
@@ -144,7 +214,7 @@ class Rates(NamedTuple):
         return self.own.get(start, self.default)
 
 
-def learning_rates(spec: str) -> Rates:
+def learning_rates(curve: Curve, spec: str) -> Rates:
     """Parses `--lr`'s "RATE[,START=RATE...]"."""
     default, own = None, {}
     for part in spec.split(","):
@@ -154,7 +224,7 @@ def learning_rates(spec: str) -> Rates:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{part!r} is not RATE or START=RATE") from None
         if start:
-            start_names(start)
+            start_names(curve, start)
             own[start] = value
         else:
             default = value
@@ -172,20 +242,23 @@ def point_dir(cache: Path, split: str, lr: float, start: str, size: int | None, 
     return points_root(cache, split, lr) / start / f"n{size or 'all'}" / f"seed{seed}"
 
 
-SUMMARY = Path("transfer") / "finetune" / "summary.json"  # under a point's folder
+def summary_path(curve: Curve) -> Path:
+    """A point's stage summary under its folder: <job name>/finetune/summary.json."""
+    name = yaml.safe_load(curve.job.read_text())["name"]
+    return Path(name) / "finetune" / "summary.json"
 
 
 def recipe_overrides(start: str, size: int | None, split: str, args: argparse.Namespace, total: int) -> list[str]:
     """The recipe at a start and a size: the start, the first `size` labeled reviews, the steps, the eval split."""
     labels = size or total
-    steps = max(math.ceil(3 * labels / 32), args.min_steps)
+    steps = max(math.ceil(3 * labels / args.curve.batch), args.min_steps)
     overrides = [
-        *start_overrides(start, args.cache, args.pretrain_steps),
+        *start_overrides(args.curve, start, args.cache, args.pretrain_steps),
         f"stages.0.max_steps={args.max_steps or steps}",
     ]
     if size is not None:
         overrides.append(f"stages.0.data.max_train_samples={size}")
-    if split == "validation":  # 10% of the labeled training reviews, held out before the first N are taken
+    if split == "validation":  # 10% of the labeled training data, held out before the first N are taken
         overrides += ["stages.0.data.eval=[]", "stages.0.data.eval_fraction=0.1"]
     if args.max_eval:
         overrides.append(f"stages.0.data.max_eval_samples={args.max_eval}")
@@ -195,12 +268,13 @@ def recipe_overrides(start: str, size: int | None, split: str, args: argparse.Na
 def run_point(start: str, size: int | None, seed: int, args: argparse.Namespace, total: int, lr: float) -> None:
     """One fine-tuning, unless its summary is cached."""
     out = point_dir(args.cache, args.split, lr, start, size, seed)
-    if not (out / SUMMARY).is_file():
+    summary = out / summary_path(args.curve)
+    if not summary.is_file():
         overrides = [f"output_dir={out}", f"seed={seed}", f"stages.0.optim.lr={lr}",
                      *recipe_overrides(start, size, args.split, args, total)]  # fmt: skip
-        launcher("run", str(JOB), "--local", *overrides)
+        launcher("run", str(args.curve.job), "--local", *overrides)
         for name in ("checkpoints", "model"):  # the curve needs the score, not the weights
-            shutil.rmtree(out / "transfer" / "finetune" / name, ignore_errors=True)
+            shutil.rmtree(summary.parent / name, ignore_errors=True)
 
 
 def choose_rate(start: str, args: argparse.Namespace, total: int) -> float:
@@ -210,13 +284,13 @@ def choose_rate(start: str, args: argparse.Namespace, total: int) -> float:
     size, candidates, seeds = args.choose_at, args.choose_lr, args.seeds
     key = "lr" + "-".join(f"{rate:g}" for rate in candidates) + "_seeds" + "-".join(map(str, seeds))
     out = args.cache / "lr-choice" / start / f"n{size or 'all'}" / key
-    stage = out / "transfer" / "finetune"
+    stage = out / summary_path(args.curve).parent
     if not (stage / "sweep.json").is_file():
         grid = (
             f"{{params: {{optim.lr: {{grid: {list(candidates)}}}, seed: {{grid: {list(seeds)}}}}}, metric: accuracy}}"
         )
         print(f"choosing {start}'s learning rate among {', '.join(f'{r:g}' for r in candidates)} ...", flush=True)
-        launcher("sweep", str(JOB), "--stage", "finetune", "--local", f"output_dir={out}",
+        launcher("sweep", str(args.curve.job), "--stage", "finetune", "--local", f"output_dir={out}",
                  f"stages.0.sweep={grid}", *recipe_overrides(start, size, "validation", args, total))  # fmt: skip
         for path in [
             stage / "model",
@@ -236,13 +310,13 @@ def choose_rate(start: str, args: argparse.Namespace, total: int) -> float:
     return chosen
 
 
-def cached_rows(cache: Path, split: str, rates: Rates, total: int,
-                order: list[str]) -> list[dict]:  # fmt: skip
+def cached_rows(cache: Path, split: str, rates: Rates, total: int, order: list[str],
+                stage_summary: Path) -> list[dict]:  # fmt: skip
     """Every point of the split in the cache (this invocation's and earlier ones') at its start's learning rate,
     `order`'s starts first."""
     rows = []
-    for path in sorted((cache / "points" / split).glob(f"lr*/*/n*/seed*/{SUMMARY}")):
-        seed_dir = path.parents[2]
+    for path in sorted((cache / "points" / split).glob(f"lr*/*/n*/seed*/{stage_summary}")):
+        seed_dir = path.parents[len(stage_summary.parts) - 1]
         size, start = seed_dir.parent.name[1:], seed_dir.parent.parent.name
         lr = rates.of(start)
         if seed_dir.parents[2] != points_root(cache, split, lr):
@@ -257,7 +331,7 @@ def cached_rows(cache: Path, split: str, rates: Rates, total: int,
     return sorted(rows, key=lambda r: (rank.get(r["start"], len(rank)), r["start"], r["labels"], r["seed"]))
 
 
-def plot(rows: list[dict], path: Path, split: str, default_lr: float) -> None:
+def plot(rows: list[dict], path: Path, split: str, default_lr: float, unit: str) -> None:
     """Accuracy against labeled examples (log scale): mean over seeds, min-max band, majority class dashed."""
     sys.path.insert(0, str(plot_deps()))
     import matplotlib
@@ -275,7 +349,7 @@ def plot(rows: list[dict], path: Path, split: str, default_lr: float) -> None:
         axes.fill_between(sizes, [min(s) for s in scores], [max(s) for s in scores], alpha=0.2)
     axes.axhline(max(r["majority"] for r in rows), linestyle="--", color="grey", label="majority class")
     axes.set_xscale("log")
-    axes.set_xlabel("labeled training reviews")
+    axes.set_xlabel(f"labeled training {unit}")
     axes.set_ylabel(f"{split} accuracy")
     title = f"Accuracy by start (fine-tuning lr {default_lr:g} unless noted; mean of seeds, min-max)"
     axes.set_title(title, fontsize=10)
@@ -308,32 +382,34 @@ def table(rows: list[dict]) -> str:
 
 
 def main() -> None:
+    images = argparse.ArgumentParser(add_help=False)
+    images.add_argument("--images", action="store_true")
+    curve = IMAGES if images.parse_known_args()[0].images else TEXT  # the flags' types and defaults depend on it
+    defaults = curve.defaults
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=label_counts, default="250,500,1000,2000,5000,all")
+    parser.add_argument("--images", action="store_true", help="the image curve (Fashion-MNIST) instead of text's")
+    parser.add_argument("--sizes", type=label_counts, default=defaults["sizes"])
     parser.add_argument("--seeds", type=whole_numbers, default="0,1,2")
-    parser.add_argument("--starts", type=start_names, default="random,demo,minilm")
-    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "transfer")
+    parser.add_argument("--starts", type=partial(start_names, curve), default=defaults["starts"])
+    parser.add_argument("--cache", type=Path, default=ROOT / defaults["cache"])
     parser.add_argument("--split", choices=("test", "validation"), default="test")
-    # Chosen with --split validation at 2,000 labels (3 seeds, 2026-12-04): random init 0.614 / 0.675 / 0.618
-    # at 2e-4 / 1e-3 / 3e-3; the demo's 4x pre-training 0.583 / 0.639 at 2e-4 / 1e-3 (the best of both at 1e-3).
-    # MiniLM (22M parameters, pre-trained at scale) at 2,000 labels, seed 0 (2026-12-04): 0.804 / 0.709 at
-    # 2e-4 / 1e-3; minilm-dapt is the same encoder and takes MiniLM's rate.
-    parser.add_argument("--lr", type=learning_rates, default="1e-3,minilm=2e-4,minilm-dapt=2e-4",
+    parser.add_argument("--lr", type=partial(learning_rates, curve), default=defaults["lr"],
                         help="RATE[,START=RATE...]: the fine-tuning rate, per start")  # fmt: skip
     parser.add_argument("--choose-lr", type=rate_list, metavar="RATE,RATE,...",
                         help="choose each start's rate among these by a `launcher sweep` on the validation "
                         "split (mean over --seeds at --choose-at labels); it replaces --lr for the curve's points",
                         )  # fmt: skip
     parser.add_argument("--choose-at", type=label_counts, default="2000", help="labels at which --choose-lr chooses")
-    parser.add_argument("--min-steps", type=int, default=250, help="fewest optimizer steps at any size")
+    parser.add_argument("--min-steps", type=int, default=curve.min_steps, help="fewest optimizer steps at any size")
     parser.add_argument("--plot-only", action="store_true", help="tabulate and plot the cache; run nothing")
     parser.add_argument("--pretrain-steps", type=int, help="(tests) pre-training steps of every made start")
     parser.add_argument("--max-steps", type=int, help="(tests) fine-tuning steps of every point")
-    parser.add_argument("--max-eval", type=int, help="(tests) score on the first this many eval reviews")
+    parser.add_argument("--max-eval", type=int, help="(tests) score on the first this many eval examples")
     args = parser.parse_args()
-    if not TRAIN.is_file():
-        parser.error(f"{TRAIN} is missing: run `make data` first")
-    total = labeled_reviews()
+    args.curve = curve
+    if not curve.train.is_file():
+        parser.error(f"{curve.train} is missing: run `{curve.missing}` first")
+    total = curve.labeled()
     sizes, seeds, starts, rates = args.sizes, args.seeds, args.starts, args.lr
     args.cache.mkdir(parents=True, exist_ok=True)
     args.choose_at = args.choose_at[0]
@@ -345,11 +421,11 @@ def main() -> None:
             for seed in seeds:
                 run_point(start, size, seed, args, total, lr)
                 point = point_dir(args.cache, args.split, lr, start, size, seed)
-                summary = json.loads((point / SUMMARY).read_text())
+                summary = json.loads((point / summary_path(curve)).read_text())
                 what = f"{start:<12} {size or total:>6} labels seed {seed}"
                 done = f"{summary['eval']['accuracy']:.4f} ({summary['steps']} steps, {summary['wall_s']:.0f} s)"
                 print(f"{what}: {args.split} accuracy {done}", flush=True)
-    rows = cached_rows(args.cache, args.split, rates, total, starts)
+    rows = cached_rows(args.cache, args.split, rates, total, starts, summary_path(curve))
     if not rows:
         where = args.cache / "points" / args.split
         parser.error(
@@ -361,7 +437,7 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     png = csv_path.with_suffix(".png")
-    plot(rows, png, args.split, rates.default)
+    plot(rows, png, args.split, rates.default, curve.unit)
     print(table(rows))
     print(f"wrote {csv_path} and {png}")
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import gzip
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -76,11 +78,32 @@ def test_curve_runner_writes_the_csv_and_a_readable_plot_and_replots_from_its_ca
     assert rates == {("rtd", "0.001"), ("mlm", "0.0005")}, rates
 
 
+@pytest.mark.slow
+def test_image_curve_fine_tunes_the_mae_encoder_and_a_resnet_from_scratch(tmp_path) -> None:
+    """--images: the same runner on Fashion-MNIST; the mae start is jobs/vision-mae.yaml's pre-training."""
+    result = curve(tmp_path, "--images", "--starts", "mae,resnet", "--sizes", "100")
+    assert "pre-training mae (4 steps)" in result.stdout and "| mae |" in result.stdout
+    export = tmp_path / "starts" / "mae" / "vision-mae" / "pretrain" / "model"
+    assert json.loads((export / "config.json").read_text())["architectures"] == ["ViTMAEForPreTraining"]
+    with (tmp_path / "curve-test.csv").open(newline="") as stream:
+        rows = {r["start"]: r for r in csv.DictReader(stream)}
+    assert set(rows) == {"mae", "resnet"} and all(r["labels"] == "100" and r["steps"] == "3" for r in rows.values())
+    with gzip.open("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz") as stream:
+        first = list(stream.read(8 + 200)[8:])  # the 200 test images scored (--max-eval)
+    majority = max(first.count(label) for label in set(first)) / 200
+    assert all(float(r["majority"]) == pytest.approx(majority) for r in rows.values())
+    points = [p for p in (tmp_path / "points").rglob("summary.json") if p.parent.name == "finetune"]
+    summaries = {p.parts[-6]: json.loads(p.read_text()) for p in points}
+    assert summaries["mae"]["init_from"] == str(export) and summaries["resnet"]["init_from"] is None
+    assert summaries["mae"]["num_params"] > 1.5 * summaries["resnet"]["num_params"], "a ViT (0.54 M), a ResNet (0.31 M)"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--starts", "random,bert"], "argument --starts: unknown start 'bert'"),
         (["--starts", "demo-0x"], "argument --starts: unknown start 'demo-0x'"),
+        (["--images", "--starts", "vit,demo"], "argument --starts: unknown start 'demo' (one of mae, mae-4x, vit,"),
         (["--sizes", "250,lots"], "argument --sizes: 'lots' is not a comma-separated list of whole numbers"),
         (["--seeds", "all"], "argument --seeds: 'all' is not a comma-separated list of whole numbers"),
         (["--lr", "fast"], "argument --lr: 'fast' is not RATE or START=RATE"),
