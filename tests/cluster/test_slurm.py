@@ -77,21 +77,35 @@ def _tiny(out: Path, *extra: str) -> list[str]:
             f"stages.1.data.eval={DEMO / 'test.csv'}", *extra]  # fmt: skip
 
 
+def _images(tmp_path: Path) -> list[str]:
+    """jobs/vision-mae.yaml's mae stage on 300 / 100 Fashion-MNIST images (IDX files on the shared file system)."""
+    from tests.test_images import fashion, write_idx
+
+    train = write_idx(tmp_path / "idx", "train", *fashion("train", 300))
+    test = write_idx(tmp_path / "idx", "t10k", *fashion("t10k", 100))
+    return ["jobs/vision-mae.yaml", "--stage", "pretrain", f"output_dir={tmp_path / 'b'}",
+            f"stages.0.data.train={train}", f"stages.0.data.eval={test}", "stages.0.batch.micro_batch_size=16",
+            "stages.0.batch.global_batch_size=32", "stages.0.schedule.warmup_steps=0", "stages.0.eval_every=0",
+            "stages.0.checkpoint_every=0"]  # fmt: skip
+
+
 def test_two_jobs_at_once_each_on_a_two_node_ray_cluster(slurm, tmp_path) -> None:
     """Both jobs run at the same time on the same two nodes (own ports, temp dirs and tokens), each
     with a Ray cluster of two nodes with distinct addresses, and both nodes train. Their ports come from a
     range of three blocks of 100 whose first block has a port taken on node2: each job takes a block of its
-    own, never that one."""
+    own, never that one. One is the tiny text job, the other the image job's masked-autoencoder stage."""
     holder = subprocess.Popen(
         ["nsenter", "--net=/run/netns/lslurm-node2", "python3", "-c",
          "import socket, time; s = socket.socket(); s.bind(('', 24050)); s.listen(); time.sleep(600)"],
     )  # fmt: skip
     env = {**slurm, "LAUNCHER_RAY_PORT_RANGE": "24000-24299"}
+    commands = {"a": _tiny(tmp_path / "a"), "b": _images(tmp_path)}
+    stages = {"a": tmp_path / "a" / "tiny" / "pretrain", "b": tmp_path / "b" / "vision-mae" / "pretrain"}
     ids = []
     try:
-        for name in ("a", "b"):
+        for name, args in commands.items():
             ids.append(_sbatch(env, "-N", "2", "--cpus-per-task=1", f"--output={tmp_path}/{name}-%j.out",
-                               "slurm/pretrain.sh", *_tiny(tmp_path / name, "stages.0.max_steps=6")))  # fmt: skip
+                               "slurm/pretrain.sh", *args, "stages.0.max_steps=6"))  # fmt: skip
         jobs = _wait_done(slurm, ids)
     finally:
         holder.kill()
@@ -105,9 +119,9 @@ def test_two_jobs_at_once_each_on_a_two_node_ray_cluster(slurm, tmp_path) -> Non
         assert {host for host, _ in nodes} == {"node1", "node2"} and len({ip for _, ip in nodes}) == 2, nodes
         ranks = set(re.findall(r"stage pretrain: rank (\d)/2 on (node\d)", log))
         assert {rank for rank, _ in ranks} == {"0", "1"} and {host for _, host in ranks} == {"node1", "node2"}, ranks
-        summary = json.loads((tmp_path / name / "tiny" / "pretrain" / "summary.json").read_text())
+        summary = json.loads((stages[name] / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["steps"] == 6
-        assert (tmp_path / name / "tiny" / "pretrain" / "model" / "model.safetensors").is_file()
+        assert (stages[name] / "model" / "model.safetensors").is_file()
     ports = {name: re.search(r"head node1 at [\d.]+:(\d+)", log).group(1) for name, log in logs.items()}
     assert ports["a"] != ports["b"] and set(ports.values()) <= {"24100", "24200"}, ports
     assert not list((slurm_state(slurm) / "ports").iterdir()), "the jobs released their port blocks"
