@@ -32,7 +32,8 @@ ViT from scratch is still far from trained at 250) from:
   mae           that ViT's encoder after the job's masked-autoencoder pre-training on the 60,000 training images
                 without their labels (600 steps of 256 images); mae-<N>x: N times the steps
 Everything lands under --cache (starts/, points/<split>/lr<lr>/): a point whose summary is there is not run again, so
-re-plotting (or adding a seed) costs only what is new. Fine-tuned weights are deleted after scoring.
+re-plotting (or adding a seed) costs only what is new (the steps are not in the key: another --min-steps needs its
+own --cache). Fine-tuned weights are deleted after scoring.
 Writes every cached point of the split, this run's and earlier ones', to <cache>/curve-<split>.csv
 (start, labels, seed, accuracy, majority, steps, wall_s) and a PNG beside it:
 accuracy against labeled examples (log scale), one line per start (mean over seeds, min-max band),
