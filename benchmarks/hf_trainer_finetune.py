@@ -20,9 +20,37 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+
+def quiet_arguments(prefix: str, **settings: Any) -> Any:
+    """`TrainingArguments` that save, evaluate and log nothing while training (the benchmarks time `train()`)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix=prefix),  # nothing is saved there (save_strategy="no")
+        save_strategy="no", eval_strategy="no", logging_strategy="no", report_to="none",
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=True, **settings,
+    )  # fmt: skip
+
+
+def timed_train(trainer: Any) -> tuple[Any, float]:
+    """`trainer.train()`'s output and its seconds from the start of training (after the Trainer's own set-up)."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        start = 0.0
+
+        def on_train_begin(self, *_args: Any, **_kwargs: Any) -> None:
+            Timer.start = time.perf_counter()
+
+    trainer.add_callback(Timer())
+    start = time.perf_counter()
+    output = trainer.train()
+    return output, time.perf_counter() - max(Timer.start, start)
 
 
 def read_csv(path: Path, labels: list[str]) -> tuple[list[str], list[int]]:
@@ -53,8 +81,6 @@ def main() -> None:
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainerCallback,
-        TrainingArguments,
     )
     from transformers.utils import logging
 
@@ -80,14 +106,8 @@ def main() -> None:
             tokens[0] += int(batch["attention_mask"].sum())
             return batch
 
-    class Timer(TrainerCallback):
-        start = 0.0
-
-        def on_train_begin(self, *_args, **_kwargs) -> None:
-            Timer.start = time.perf_counter()
-
-    training_args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="hf-trainer-"),  # nothing is saved there (save_strategy="no")
+    training_args = quiet_arguments(
+        "hf-trainer-",
         max_steps=args.steps,
         per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=128,
@@ -98,20 +118,9 @@ def main() -> None:
         max_grad_norm=1.0,
         seed=args.seed,
         train_sampling_strategy="group_by_length" if args.group_by_length else "random",
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
     )
-    trainer = Trainer(
-        model=model, args=training_args, train_dataset=train, data_collator=CountTokens(tokenizer),
-        callbacks=[Timer()],
-    )  # fmt: skip
-    start = time.perf_counter()
-    train_output = trainer.train()
-    train_s = time.perf_counter() - max(Timer.start, start)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=CountTokens(tokenizer))
+    train_output, train_s = timed_train(trainer)
     train_tokens = tokens[0]
     predictions = trainer.predict(test)
     # Scored against `label_ids`, the labels in the order `predict` visited the test set: with length

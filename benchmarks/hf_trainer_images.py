@@ -22,12 +22,11 @@ import gzip
 import json
 import math
 import random
-import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from hf_trainer_finetune import quiet_arguments, timed_train  # this folder: the script's own path
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SIZE, SCALE, RATIO = 28, (0.35, 1.0), (3 / 4, 4 / 3)
@@ -91,7 +90,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from transformers import Trainer, TrainerCallback, TrainingArguments, ViTConfig, ViTForImageClassification
+    from transformers import Trainer, ViTConfig, ViTForImageClassification
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -106,14 +105,8 @@ def main() -> None:
                        attention_probs_dropout_prob=0.0, num_labels=10)  # fmt: skip
     model = ViTForImageClassification(config)
 
-    class Timer(TrainerCallback):
-        start = 0.0
-
-        def on_train_begin(self, *_args, **_kwargs) -> None:
-            Timer.start = time.perf_counter()
-
-    training_args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="hf-trainer-images-"),  # nothing is saved there (save_strategy="no")
+    training_args = quiet_arguments(
+        "hf-trainer-images-",
         max_steps=args.steps,
         per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=256,
@@ -125,17 +118,9 @@ def main() -> None:
         seed=args.seed,
         dataloader_num_workers=args.workers,
         dataloader_persistent_workers=args.workers > 0,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=True,
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=train, callbacks=[Timer()])
-    start = time.perf_counter()
-    train_output = trainer.train()
-    train_s = time.perf_counter() - max(Timer.start, start)
+    trainer = Trainer(model=model, args=training_args, train_dataset=train)
+    train_output, train_s = timed_train(trainer)
     images = args.steps * args.batch
     predictions = trainer.predict(test)
     accuracy = float((np.argmax(predictions.predictions, axis=-1) == test_labels).mean())
