@@ -53,7 +53,7 @@ import shutil
 import statistics
 import subprocess
 import sys
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -243,10 +243,14 @@ def point_dir(cache: Path, split: str, lr: float, start: str, size: int | None, 
     return points_root(cache, split, lr) / start / f"n{size or 'all'}" / f"seed{seed}"
 
 
+@cache
+def job_name(job: Path) -> str:
+    return yaml.safe_load(job.read_text())["name"]
+
+
 def summary_path(curve: Curve) -> Path:
     """A point's stage summary under its folder: <job name>/finetune/summary.json."""
-    name = yaml.safe_load(curve.job.read_text())["name"]
-    return Path(name) / "finetune" / "summary.json"
+    return Path(job_name(curve.job)) / "finetune" / "summary.json"
 
 
 def recipe_overrides(start: str, size: int | None, split: str, args: argparse.Namespace, total: int) -> list[str]:
