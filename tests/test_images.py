@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -325,6 +326,34 @@ def test_crop_boxes_stay_inside_the_image_within_the_scale() -> None:
     assert (left >= 0).all() and (top >= 0).all() and (left + width <= 28).all() and (top + height <= 28).all()
     share = width * height / 28**2
     assert share.min() >= 0.3 and share.max() <= 1.0 and share.std() > 0.1
+
+
+def test_crop_boxes_are_torchvisions_draws_image_by_image() -> None:
+    """The batched draw gives exactly the boxes of torchvision's loop (ten tries per image, then the whole image),
+    from the same generator, so crops do not change with how they are computed."""
+    from launcher.tasks.vision import crop_boxes
+
+    def reference(count: int, size: int, scale: tuple[float, float], ratio: tuple[float, float], seed: int):
+        generator, boxes = torch.Generator().manual_seed(seed), []
+        for _ in range(count):
+            box = [0.0, 0.0, float(size), float(size)]
+            for share, aspect, x, y in torch.rand((10, 4), generator=generator, dtype=torch.float64).tolist():
+                target = size * size * (scale[0] + share * (scale[1] - scale[0]))
+                aspect = math.exp(math.log(ratio[0]) + aspect * (math.log(ratio[1]) - math.log(ratio[0])))
+                width, height = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+                if 0 < width <= size and 0 < height <= size:
+                    box = [int(x * (size - width + 1)), int(y * (size - height + 1)), width, height]
+                    break
+            boxes.append(box)
+        return torch.tensor(boxes, dtype=torch.float32)
+
+    fallbacks = 0
+    for scale, ratio in (((0.35, 1.0), (0.75, 4 / 3)), ((0.9, 1.0), (0.1, 10.0))):  # the second falls back often
+        for seed in range(3):
+            got = crop_boxes(200, 28, scale, ratio, torch.Generator().manual_seed(seed))
+            assert torch.equal(got, reference(200, 28, scale, ratio, seed))
+            fallbacks += int((got == torch.tensor([0.0, 0.0, 28.0, 28.0])).all(1).sum())
+    assert fallbacks > 0
 
 
 # --- tiny runs of the shipped job ---------------------------------------------------------------------------------

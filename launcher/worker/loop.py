@@ -103,10 +103,14 @@ class Loop:
         return {key: value.to(device) for key, value in batch.items()}, tokens
 
     def _all_reduce(self, values: list[float | torch.Tensor]) -> list[float]:
-        """Sum over ranks; device tensors (e.g. a summed loss) join without being read first: one sync in all."""
+        """Sum over ranks; device tensors (e.g. a summed loss) join without being read first: one sync in all.
+
+        One rank has nothing to sum with: no collective (on the CPU, gloo's loopback round trip wakes its
+        threads a dozen times a call, preempting the compute threads on a small host)."""
         device = self.ctx.device
         tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
-        torch.distributed.all_reduce(tensor)
+        if self.ctx.world_size > 1:
+            torch.distributed.all_reduce(tensor)
         return tensor.tolist()
 
     def _stop_requested(self, step: int) -> bool:
