@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,28 @@ _NAMES = (
     (UNIVERSAL_CONVERTER, "main", "args.input_folder"),
     (UNIVERSAL_CONVERTER, "_extract_zero_shard_files_stage3", "extract_zero_shards_stage3"),
 )
+
+
+def import_deepspeed() -> Any:
+    """`import deepspeed`, without the MLflow import DeepSpeed's autotuner makes when MLflow is installed.
+
+    `deepspeed/__init__` imports `deepspeed.autotuning.autotuner`, which tries `import mlflow` for its own
+    logging; with MLflow installed (the launcher's optional tracker) that adds ~1.4 s of imports (pandas,
+    pyarrow) to every process that imports DeepSpeed, used or not. The launcher never runs the autotuner,
+    so MLflow is hidden while DeepSpeed imports (the autotuner records it as absent) and is importable
+    again right after; a process that imported MLflow already keeps it as it is.
+    """
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    hide = "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+    try:
+        import deepspeed
+    finally:
+        if hide and "mlflow" in sys.modules and sys.modules["mlflow"] is None:
+            del sys.modules["mlflow"]
+    return deepspeed
 
 
 def missing() -> list[str]:

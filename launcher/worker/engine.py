@@ -68,6 +68,7 @@ def select_accelerator(device: torch.device) -> None:
         path = os.environ.get("PATH", "")
         if path.split(os.pathsep)[0] != ninja_dir:
             os.environ["PATH"] = os.pathsep.join([ninja_dir, *(p for p in path.split(os.pathsep) if p != ninja_dir)])
+    deepspeed_internals.import_deepspeed()
 
 
 def ninja_bin_dir() -> str | None:
