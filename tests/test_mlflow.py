@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -19,6 +20,16 @@ from launcher.contract import shown_uri as shown
 from launcher.coordinator.tracking import _job_params, flatten
 from launcher.worker.context import free_port
 from tests.conftest import TINY, assert_ok, read_jsonl, run_cli
+
+
+@pytest.fixture(autouse=True)
+def own_temp_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's SQLite stores leave a `db_init_lock-<hash>` file in the temp folder (mlflow/store/db/utils.py):
+    here, in the test's own folder, for the server, the launcher and the client alike."""
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(temp))
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
 
 
 @pytest.fixture
