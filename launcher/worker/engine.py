@@ -60,6 +60,7 @@ def select_accelerator(device: torch.device) -> None:
     The builder runs the first `ninja` on PATH, and two ninja releases (the `ninja` wheel DeepSpeed
     requires, a system one) read each other's build log as stale: a worker whose PATH leads to the other
     one rebuilds the op. This installation's ninja goes first on PATH, so every process uses the same.
+    Then DeepSpeed is imported (`deepspeed_internals.import_deepspeed`: without its autotuner's MLflow import).
     """
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extensions_dir())
