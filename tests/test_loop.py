@@ -194,3 +194,43 @@ def test_resume_from_the_stop_checkpoint_continues_the_same_trajectory(prepared:
         a, b = straight.writer.logged[step]["train/loss"], second.writer.logged[step]["train/loss"]
         assert abs(a - b) < 1e-6, f"step {step}: {b} after resuming, {a} straight through"
     assert max_gap(params(straight), params(second)) < 1e-6, "resumed weights differ"
+
+
+def test_each_next_micro_batch_is_built_ahead_in_a_thread_and_trains_as_built_in_line(
+    prepared: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With accumulation 2 over 6 steps: the first training micro-batch is built on the loop's thread, the other
+    11 in the background thread, in the sampler's order; the run ends at the same weights and losses as one whose
+    batches are all built in line (the build-ahead turned off)."""
+    import threading
+
+    from launcher.data.sampler import StepSampler
+    from launcher.worker.loop import BatchAhead, TrainState
+
+    launch, ctx = prepared
+    ahead = build(launch, ctx, tmp_path / "ahead", grad_accum_steps=2, log_every=1)
+    built: list[tuple[str, list[int]]] = []
+    in_line = ahead._batch
+    ahead._batch = lambda dataset, indices, generator: (
+        built.append((threading.current_thread().name, list(indices))),
+        in_line(dataset, indices, generator),
+    )[1]
+    state, _ = ahead.run(TrainState())
+    assert state.step == 6
+    plan = ahead.plan
+    lengths = ahead.task.sample_lengths(ahead.train_set)
+    sampler = StepSampler(len(ahead.train_set), plan.micro_batch_size, 2, 1, 0, 0, lengths)
+    train, evaluation = built[:12], built[12:]  # the eval at the last step builds its 2 batches in line
+    assert [indices for _, indices in train] == [sampler.micro_batches(s)[m] for s in range(6) for m in range(2)]
+    assert [name for name, _ in evaluation] == [threading.current_thread().name] * 2
+    threads = [name for name, _ in train]
+    assert threads[0] == threading.current_thread().name, "the first batch has nothing to overlap"
+    assert all(name.startswith("batch-ahead") for name in threads[1:]), threads
+
+    monkeypatch.setattr(BatchAhead, "take", lambda self, step, micro: self._make(step, micro)())
+    plain = build(launch, ctx, tmp_path / "plain", grad_accum_steps=2, log_every=1)
+    plain.run(TrainState())
+    assert max_gap(params(ahead), params(plain)) < 1e-6, "batches built ahead trained differently"
+    for step in range(1, 7):
+        a, b = ahead.writer.logged[step]["train/loss"], plain.writer.logged[step]["train/loss"]
+        assert abs(a - b) < 1e-6, f"step {step}: {a} built ahead, {b} in line"

@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,39 @@ class TrainState:
 
 def step_seed(seed: int, step: int, index: int, purpose: int) -> int:
     return int(np.random.SeedSequence([seed, step, index, purpose]).generate_state(1)[0])
+
+
+class BatchAhead:
+    """Builds the next training micro-batch in a background thread while the current one trains.
+
+    The host-side work of a batch (reading samples, masking, image augmentation, the copy to the
+    device) otherwise waits for the step before it: on a GPU the loop syncs once a step (the loss's
+    all-reduce), so the device idles while the host builds. `make(step, micro)` runs on the loop's
+    thread (indices, the micro-batch's generator) and returns the build; only the build runs ahead.
+    The collates draw only from that generator, so the batches are exactly those built in line.
+    """
+
+    def __init__(self, make: Callable[[int, int], Callable[[], tuple[Batch, int]]], steps: int, accum: int) -> None:
+        self._make, self._steps, self._accum = make, steps, accum
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-ahead")
+        self._pending: tuple[tuple[int, int], Future[tuple[Batch, int]]] | None = None
+
+    def take(self, step: int, micro: int) -> tuple[Batch, int]:
+        """Micro-batch `micro` of `step` (built ahead when it was the one expected), and the next one started."""
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] == (step, micro):
+            batch = pending[1].result()
+        else:
+            if pending is not None:
+                pending[1].result()  # not the loop's order: let it finish (one build at a time), build in line
+            batch = self._make(step, micro)()
+        following = (step, micro + 1) if micro + 1 < self._accum else (step + 1, 0)
+        if following[0] < self._steps:
+            self._pending = (following, self._pool.submit(self._make(*following)))
+        return batch
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -210,13 +245,22 @@ class Loop:
             self.ctx.world_size, self.ctx.rank, self.seed, self.task.sample_lengths(self.train_set),
         )  # fmt: skip
         self.engine.train()
+        ahead = BatchAhead(partial(self._train_batch, sampler), self.plan.steps, self.plan.grad_accum_steps)
         try:
-            return self._run(state, sampler)
+            return self._run(state, sampler, ahead)
         finally:
+            ahead.close()
             for callback in self.callbacks:
                 callback.close()
 
-    def _run(self, state: TrainState, sampler: StepSampler) -> tuple[TrainState, bool]:
+    def _train_batch(self, sampler: StepSampler, step: int, micro: int) -> Callable[[], tuple[Batch, int]]:
+        """The build of training micro-batch `micro` of `step`: its samples and masking generator drawn here."""
+        indices = sampler.micro_batches(step)[micro]
+        index = self.ctx.rank * self.plan.grad_accum_steps + micro
+        generator = torch.Generator().manual_seed(step_seed(self.seed, step, index, purpose=1))  # masking
+        return partial(self._batch, self.train_set.for_epoch(sampler.epoch_of(step)), indices, generator)
+
+    def _run(self, state: TrainState, sampler: StepSampler, ahead: BatchAhead) -> tuple[TrainState, bool]:
         stage = self.stage
         assert self.plan.steps is not None
         eval_interval = self._eval_interval()
@@ -235,11 +279,10 @@ class Loop:
             loss_sum: torch.Tensor | float = 0.0  # stays on the device: no host sync per micro-batch
             skipped_before = self.engine.skipped_steps
             tokens, grad_norm = 0, None
-            for micro, indices in enumerate(micro_batches):
+            for micro in range(len(micro_batches)):
                 index = self.ctx.rank * self.plan.grad_accum_steps + micro  # the micro-batch's place in the step
                 torch.manual_seed(step_seed(self.seed, step, index, purpose=0))  # dropout
-                generator = torch.Generator().manual_seed(step_seed(self.seed, step, index, purpose=1))  # masking
-                batch, batch_tokens = self._batch(self.train_set.for_epoch(sampler.epoch_of(step)), indices, generator)
+                batch, batch_tokens = ahead.take(step, micro)
                 loss = self.engine(**batch).loss
                 self.engine.backward(loss)
                 if logged and micro == self.plan.grad_accum_steps - 1:
