@@ -197,40 +197,44 @@ def test_resume_from_the_stop_checkpoint_continues_the_same_trajectory(prepared:
 
 
 def test_each_next_micro_batch_is_built_ahead_in_a_thread_and_trains_as_built_in_line(
-    prepared: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    prepared: Any, tmp_path: Path
 ) -> None:
-    """With accumulation 2 over 6 steps: the first training micro-batch is built on the loop's thread, the other
-    11 in the background thread, in the sampler's order; the run ends at the same weights and losses as one whose
-    batches are all built in line (the build-ahead turned off)."""
+    """With the build-ahead on, accumulation 2 over 6 steps: the first training micro-batch is built on the
+    loop's thread, the other 11 in the background thread, in the sampler's order. The run ends at the same
+    weights and losses as the default on a CPU, which builds every batch in line."""
     import threading
 
     from launcher.data.sampler import StepSampler
-    from launcher.worker.loop import BatchAhead, TrainState
+    from launcher.worker.loop import TrainState
 
     launch, ctx = prepared
-    ahead = build(launch, ctx, tmp_path / "ahead", grad_accum_steps=2, log_every=1)
-    built: list[tuple[str, list[int]]] = []
-    in_line = ahead._batch
-    ahead._batch = lambda dataset, indices, generator: (
-        built.append((threading.current_thread().name, list(indices))),
-        in_line(dataset, indices, generator),
-    )[1]
-    state, _ = ahead.run(TrainState())
-    assert state.step == 6
-    plan = ahead.plan
+    here = threading.current_thread().name
+    runs, built = {}, {}
+    for name, build_ahead in (("ahead", True), ("default", None)):
+        loop = build(launch, ctx, tmp_path / name, grad_accum_steps=2, log_every=1)
+        loop.build_ahead = build_ahead
+        built[name] = records = []
+        in_line = loop._batch
+        loop._batch = lambda dataset, indices, generator, records=records, in_line=in_line: (
+            records.append((threading.current_thread().name, list(indices))),
+            in_line(dataset, indices, generator),
+        )[1]
+        state, _ = loop.run(TrainState())
+        assert state.step == 6
+        runs[name] = loop
+    ahead = runs["ahead"]
     lengths = ahead.task.sample_lengths(ahead.train_set)
-    sampler = StepSampler(len(ahead.train_set), plan.micro_batch_size, 2, 1, 0, 0, lengths)
-    train, evaluation = built[:12], built[12:]  # the eval at the last step builds its 2 batches in line
-    assert [indices for _, indices in train] == [sampler.micro_batches(s)[m] for s in range(6) for m in range(2)]
-    assert [name for name, _ in evaluation] == [threading.current_thread().name] * 2
-    threads = [name for name, _ in train]
-    assert threads[0] == threading.current_thread().name, "the first batch has nothing to overlap"
-    assert all(name.startswith("batch-ahead") for name in threads[1:]), threads
-
-    monkeypatch.setattr(BatchAhead, "take", lambda self, step, micro: self._make(step, micro)())
-    plain = build(launch, ctx, tmp_path / "plain", grad_accum_steps=2, log_every=1)
-    plain.run(TrainState())
-    assert max_gap(params(ahead), params(plain)) < 1e-6, "batches built ahead trained differently"
+    sampler = StepSampler(len(ahead.train_set), ahead.plan.micro_batch_size, 2, 1, 0, 0, lengths)
+    expected = [sampler.micro_batches(s)[m] for s in range(6) for m in range(2)]
+    for name, records in built.items():
+        train, evaluation = records[:12], records[12:]  # the eval at the last step builds its 2 batches in line
+        assert [indices for _, indices in train] == expected, name
+        assert [thread for thread, _ in evaluation] == [here] * 2, name
+    threads = [thread for thread, _ in built["ahead"][:12]]
+    assert threads[0] == here, "the first batch has nothing to overlap"
+    assert all(thread.startswith("batch-ahead") for thread in threads[1:]), threads
+    assert all(thread == here for thread, _ in built["default"]), "a CPU run builds in line by default"
+    assert max_gap(params(ahead), params(runs["default"])) < 1e-6, "batches built ahead trained differently"
     for step in range(1, 7):
-        a, b = ahead.writer.logged[step]["train/loss"], plain.writer.logged[step]["train/loss"]
+        a, b = ahead.writer.logged[step]["train/loss"], runs["default"].writer.logged[step]["train/loss"]
         assert abs(a - b) < 1e-6, f"step {step}: {a} built ahead, {b} in line"

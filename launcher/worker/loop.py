@@ -60,14 +60,20 @@ class BatchAhead:
 
     The host-side work of a batch (reading samples, masking, image augmentation, the copy to the
     device) otherwise waits for the step before it: on a GPU the loop syncs once a step (the loss's
-    all-reduce), so the device idles while the host builds. `make(step, micro)` runs on the loop's
+    all-reduce), so the device idles while the host builds. On a CPU the step already has every core,
+    so the loop builds in line there (`Loop.build_ahead`). `make(step, micro)` runs on the loop's
     thread (indices, the micro-batch's generator) and returns the build; only the build runs ahead.
     The collates draw only from that generator, so the batches are exactly those built in line.
     """
 
-    def __init__(self, make: Callable[[int, int], Callable[[], tuple[Batch, int]]], steps: int, accum: int) -> None:
-        self._make, self._steps, self._accum = make, steps, accum
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-ahead")
+    def __init__(
+        self, make: Callable[[int, int], Callable[[], tuple[Batch, int]]], steps: int, accum: int, ahead: bool = True
+    ) -> None:
+        self._make, self._accum = make, accum
+        self._steps_ahead = steps if ahead else 0  # off: every batch built in line, on this thread
+        # One intra-op thread there (OpenMP's count is per calling thread): a second full team of threads
+        # beside the step's own slowed a 2-core CPU step by a fifth.
+        self._pool = ThreadPoolExecutor(1, "batch-ahead", initializer=torch.set_num_threads, initargs=(1,))
         self._pending: tuple[tuple[int, int], Future[tuple[Batch, int]]] | None = None
 
     def take(self, step: int, micro: int) -> tuple[Batch, int]:
@@ -80,7 +86,7 @@ class BatchAhead:
                 pending[1].result()  # not the loop's order: let it finish (one build at a time), build in line
             batch = self._make(step, micro)()
         following = (step, micro + 1) if micro + 1 < self._accum else (step + 1, 0)
-        if following[0] < self._steps:
+        if following[0] < self._steps_ahead:
             self._pending = (following, self._pool.submit(self._make(*following)))
         return batch
 
@@ -107,6 +113,7 @@ class Loop:
     callbacks: Sequence[StepCallback] = ()  # called before every step (sample trace, test hooks)
     watchdog: StepWatchdog | None = None  # told of every step, eval batch and checkpoint
     measure_peak: Callable[[], float] | None = None  # measures the device's peak again (CPUs: a noisy figure)
+    build_ahead: bool | None = None  # build the next micro-batch during the step (BatchAhead); None: on a GPU
     _mfu_warned: bool = False
     checkpoint_s: float = 0.0  # time spent saving checkpoints in this session
 
@@ -245,7 +252,11 @@ class Loop:
             self.ctx.world_size, self.ctx.rank, self.seed, self.task.sample_lengths(self.train_set),
         )  # fmt: skip
         self.engine.train()
-        ahead = BatchAhead(partial(self._train_batch, sampler), self.plan.steps, self.plan.grad_accum_steps)
+        on_gpu = self.ctx.device.type == "cuda"
+        ahead = BatchAhead(
+            partial(self._train_batch, sampler), self.plan.steps, self.plan.grad_accum_steps,
+            on_gpu if self.build_ahead is None else self.build_ahead,
+        )  # fmt: skip
         try:
             return self._run(state, sampler, ahead)
         finally:
