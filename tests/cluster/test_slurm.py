@@ -89,18 +89,27 @@ def _images(tmp_path: Path) -> list[str]:
             "stages.0.checkpoint_every=0"]  # fmt: skip
 
 
+def _ner(out: Path) -> list[str]:
+    """jobs/ner.yaml's first stage: token classification of WNUT 2016 from the packaged MiniLM (`make data`)."""
+    ner, minilm = ROOT / "data" / "ner", ROOT / "data" / "models" / "all-minilm-l6-v2"
+    return ["jobs/ner.yaml", "--stage", "ner-minilm", f"output_dir={out}", f"stages.0.init_from={minilm}",
+            f"stages.0.data.train={ner / 'wnut16-train.conll'}", f"stages.0.data.eval={ner / 'wnut16-test.conll'}",
+            "stages.0.data.max_eval_samples=64", "stages.0.checkpoint_every=0"]  # fmt: skip
+
+
 def test_two_jobs_at_once_each_on_a_two_node_ray_cluster(slurm, tmp_path) -> None:
     """Both jobs run at the same time on the same two nodes (own ports, temp dirs and tokens), each
     with a Ray cluster of two nodes with distinct addresses, and both nodes train. Their ports come from a
     range of three blocks of 100 whose first block has a port taken on node2: each job takes a block of its
-    own, never that one. One is the tiny text job, the other the image job's masked-autoencoder stage."""
+    own, never that one. One is the NER job's MiniLM stage, the other the image job's masked-autoencoder stage
+    (the tiny text job runs under SLURM in the tests below)."""
     holder = subprocess.Popen(
         ["nsenter", "--net=/run/netns/lslurm-node2", "python3", "-c",
          "import socket, time; s = socket.socket(); s.bind(('', 24050)); s.listen(); time.sleep(600)"],
     )  # fmt: skip
     env = {**slurm, "LAUNCHER_RAY_PORT_RANGE": "24000-24299"}
-    commands = {"a": _tiny(tmp_path / "a"), "b": _images(tmp_path)}
-    stages = {"a": tmp_path / "a" / "tiny" / "pretrain", "b": tmp_path / "b" / "vision-mae" / "pretrain"}
+    commands = {"a": _ner(tmp_path / "a"), "b": _images(tmp_path)}
+    stages = {"a": tmp_path / "a" / "ner" / "ner-minilm", "b": tmp_path / "b" / "vision-mae" / "pretrain"}
     ids = []
     try:
         for name, args in commands.items():
@@ -117,11 +126,15 @@ def test_two_jobs_at_once_each_on_a_two_node_ray_cluster(slurm, tmp_path) -> Non
         assert "Found multiple active Ray instances" not in log, log[-4000:]
         nodes = re.findall(r"launcher-slurm: node (\S+) (\S+)", log)
         assert {host for host, _ in nodes} == {"node1", "node2"} and len({ip for _, ip in nodes}) == 2, nodes
-        ranks = set(re.findall(r"stage pretrain: rank (\d)/2 on (node\d)", log))
+        ranks = set(re.findall(rf"stage {stages[name].name}: rank (\d)/2 on (node\d)", log))
         assert {rank for rank, _ in ranks} == {"0", "1"} and {host for _, host in ranks} == {"node1", "node2"}, ranks
         summary = json.loads((stages[name] / "summary.json").read_text())
         assert summary["world_size"] == 2 and summary["steps"] == 6
         assert (stages[name] / "model" / "model.safetensors").is_file()
+        if name == "a":  # token classification: entity-level scores of the 64 eval sentences, the labels exported
+            assert summary["task"] == "token_classification" and {"f1", "precision", "recall"} <= set(summary["eval"])
+            config = json.loads((stages[name] / "model" / "config.json").read_text())
+            assert config["architectures"] == ["BertForTokenClassification"] and len(config["id2label"]) == 21
     ports = {name: re.search(r"head node1 at [\d.]+:(\d+)", log).group(1) for name, log in logs.items()}
     assert ports["a"] != ports["b"] and set(ports.values()) <= {"24100", "24200"}, ports
     assert not list((slurm_state(slurm) / "ports").iterdir()), "the jobs released their port blocks"
