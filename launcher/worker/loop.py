@@ -72,7 +72,7 @@ class BatchAhead:
         self._make, self._accum = make, accum
         self._steps_ahead = steps if ahead else 0  # off: every batch built in line, on this thread
         # One intra-op thread there (OpenMP's count is per calling thread): a second full team of threads
-        # beside the step's own slowed a 2-core CPU step by a fifth.
+        # beside the step's own oversubscribes the cores (benchmarks/README, "Images against HF Trainer").
         self._pool = ThreadPoolExecutor(1, "batch-ahead", initializer=torch.set_num_threads, initargs=(1,))
         self._pending: tuple[tuple[int, int], Future[tuple[Batch, int]]] | None = None
 
