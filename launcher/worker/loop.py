@@ -79,12 +79,8 @@ class BatchAhead:
     def take(self, step: int, micro: int) -> tuple[Batch, int]:
         """Micro-batch `micro` of `step` (built ahead when it was the one expected), and the next one started."""
         pending, self._pending = self._pending, None
-        if pending is not None and pending[0] == (step, micro):
-            batch = pending[1].result()
-        else:
-            if pending is not None:
-                pending[1].result()  # not the loop's order: let it finish (one build at a time), build in line
-            batch = self._make(step, micro)()
+        assert pending is None or pending[0] == (step, micro), f"took {(step, micro)}, built {pending[0]}"
+        batch = self._make(step, micro)() if pending is None else pending[1].result()
         following = (step, micro + 1) if micro + 1 < self._accum else (step + 1, 0)
         if following[0] < self._steps_ahead:
             self._pending = (following, self._pool.submit(self._make(*following)))
@@ -264,11 +260,14 @@ class Loop:
             for callback in self.callbacks:
                 callback.close()
 
+    def _micro_index(self, micro: int) -> int:
+        """The micro-batch's place among all ranks' micro-batches of a step: it keys the step's random draws."""
+        return self.ctx.rank * self.plan.grad_accum_steps + micro
+
     def _train_batch(self, sampler: StepSampler, step: int, micro: int) -> Callable[[], tuple[Batch, int]]:
         """The build of training micro-batch `micro` of `step`: its samples and masking generator drawn here."""
         indices = sampler.micro_batches(step)[micro]
-        index = self.ctx.rank * self.plan.grad_accum_steps + micro
-        generator = torch.Generator().manual_seed(step_seed(self.seed, step, index, purpose=1))  # masking
+        generator = torch.Generator().manual_seed(step_seed(self.seed, step, self._micro_index(micro), purpose=1))
         return partial(self._batch, self.train_set.for_epoch(sampler.epoch_of(step)), indices, generator)
 
     def _run(self, state: TrainState, sampler: StepSampler, ahead: BatchAhead) -> tuple[TrainState, bool]:
@@ -291,8 +290,7 @@ class Loop:
             skipped_before = self.engine.skipped_steps
             tokens, grad_norm = 0, None
             for micro in range(len(micro_batches)):
-                index = self.ctx.rank * self.plan.grad_accum_steps + micro  # the micro-batch's place in the step
-                torch.manual_seed(step_seed(self.seed, step, index, purpose=0))  # dropout
+                torch.manual_seed(step_seed(self.seed, step, self._micro_index(micro), purpose=0))  # dropout
                 batch, batch_tokens = ahead.take(step, micro)
                 loss = self.engine(**batch).loss
                 self.engine.backward(loss)
